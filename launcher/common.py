@@ -1,0 +1,51 @@
+"""Shared CLI plumbing: bad input becomes one line on stderr and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+EXIT_BAD_INPUT = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from sdarts.config import ConfigError
+    from sdarts.data.sources import DataError
+    from sdarts.engine import CheckpointError
+    from sdarts.genotype import GenotypeError
+    from sdarts.search.loop import RunDirError
+    from sdarts.benchmarks.nb201 import TableError
+    errs = [ConfigError, DataError, CheckpointError, GenotypeError, RunDirError, TableError, FileNotFoundError]
+    with contextlib.suppress(ImportError):
+        from launcher.hostfile import HostfileError
+        errs.append(HostfileError)
+    return tuple(errs)
+
+
+@contextlib.contextmanager
+def fail_cleanly():
+    """Turns the library's user-facing errors into `error: <one line>` and exit 2."""
+    try:
+        yield
+    except _user_errors() as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except ValueError as e:  # validated settings the device cannot honour (precision, op names)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def setup_logging(all_ranks: bool = False) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    level = logging.INFO if (rank == 0 or all_ranks) else logging.WARNING
+    fmt = "%(asctime)s sdarts" + (f"[{rank}]" if all_ranks else "") + " %(levelname)s %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
+    logging.getLogger("sdarts").setLevel(level)
+    # DeepSpeed's own INFO chatter drowns the search's lines
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    with contextlib.suppress(ImportError):
+        from deepspeed.utils import logger as ds_logger
+        ds_logger.setLevel(logging.WARNING)

@@ -1,0 +1,116 @@
+"""The combined optimizer: one `torch.optim.Optimizer` that updates w (SGD) and alpha (Adam or SGD).
+
+Why one optimizer: DeepSpeed owns exactly one optimizer. A separate torch Adam for alpha breaks under
+bf16/fp16 (alpha gets no fp32 master copy: bf16 Adam at lr 3e-4 never moves it, fp16 gives NaN), its
+gradients are not averaged under ZeRO 1/2, and under ZeRO 0 `engine.step()` clears them before a later
+Adam step. Handing DeepSpeed one optimizer whose param groups are tagged `w` / `alpha` gives both the
+engine's gradient averaging, master weights and checkpointing, and keeps the two update rules apart.
+
+`active` selects which tags a step updates: single-level steps both from one backward; bi-level
+phases step only the group they own. Gradient clipping applies to the `w` group only (alpha's
+gradients are not clipped, as in DARTS); under ZeRO 1/2 each rank holds a partition of the gradients,
+so the norm is all-reduced.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    def __init__(self, weights, alphas, *, w_lr: float, w_momentum: float, w_weight_decay: float,
+                 w_nesterov: bool, alpha_rule: str, alpha_lr: float, alpha_betas=(0.5, 0.999),
+                 alpha_eps: float = 1e-8, alpha_momentum: float = 0.9, alpha_weight_decay: float = 0.0,
+                 grad_clip: float = 0.0):
+        if alpha_rule not in ("adam", "sgd"):
+            raise ValueError(f"optim.alpha.optimizer must be adam or sgd, got {alpha_rule!r}")
+        groups = [
+            dict(params=list(weights), tag="w", rule="sgd", lr=w_lr, momentum=w_momentum,
+                 weight_decay=w_weight_decay, nesterov=w_nesterov, betas=(0.9, 0.999), eps=1e-8),
+            dict(params=list(alphas), tag="alpha", rule=alpha_rule, lr=alpha_lr, momentum=alpha_momentum,
+                 weight_decay=alpha_weight_decay, nesterov=False, betas=tuple(alpha_betas), eps=alpha_eps),
+        ]
+        super().__init__(groups, defaults=dict(lr=w_lr))
+        self.active: set[str] = {"w", "alpha"}
+        self.grad_clip = grad_clip
+        self.partitioned = False  # set by the engine under ZeRO 1/2
+        self.last_grad_norm: float | None = None
+
+    def set_lr(self, tag: str, lr: float) -> None:
+        for g in self.param_groups:
+            if g["tag"] == tag:
+                g["lr"] = lr
+
+    def lr(self, tag: str) -> float:
+        return next(g["lr"] for g in self.param_groups if g["tag"] == tag)
+
+    def _clip_coef(self, group) -> float:
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float32,
+                         device=grads[0].device if grads else group["params"][0].device)
+        for g in grads:
+            sq += g.float().pow(2).sum()
+        if self.partitioned and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sq)
+        norm = float(sq.sqrt())
+        self.last_grad_norm = norm
+        if self.grad_clip <= 0 or not math.isfinite(norm):
+            return 1.0
+        return min(1.0, self.grad_clip / (norm + 1e-6))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            if group["tag"] not in self.active:
+                continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            coef = self._clip_coef(group) if group["tag"] == "w" else 1.0
+            if group["rule"] == "sgd":
+                self._sgd(group, params, coef)
+            else:
+                self._adam(group, params, coef)
+        return loss
+
+    def _sgd(self, group, params, coef):
+        lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
+        for p in params:
+            d = p.grad if coef == 1.0 else p.grad * coef
+            if wd:
+                d = d.add(p, alpha=wd)
+            if mom:
+                st = self.state[p]
+                buf = st.get("momentum_buffer")
+                if buf is None:
+                    buf = st["momentum_buffer"] = d.detach().clone()
+                else:
+                    buf.mul_(mom).add_(d)
+                d = d.add(buf, alpha=mom) if nesterov else buf
+            p.add_(d, alpha=-lr)
+
+    def _adam(self, group, params, coef):
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p in params:
+            g = p.grad if coef == 1.0 else p.grad * coef
+            if wd:
+                g = g.add(p, alpha=wd)
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            t = float(st["step"])
+            st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+
+
+def cosine_lr(base: float, minimum: float, epoch: int, epochs: int) -> float:
+    """DARTS/NB201 per-epoch cosine annealing from `base` to `minimum` over `epochs`."""
+    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * epoch / epochs))

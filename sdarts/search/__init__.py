@@ -1,0 +1,1 @@
+"""Search strategies and the epoch loop (`run_search`)."""

@@ -1,0 +1,195 @@
+"""The search loop: epochs of strategy steps, logging, genotype derivation and checkpoints.
+
+Read top to bottom, `run_search` is one screen of training logic (nanoGPT style): build everything,
+maybe resume, then for each epoch set the lr, run steps, log, checkpoint, derive the genotype.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdarts import genotype as G
+from sdarts.config import SearchConfig, dump
+from sdarts.data import build_search_loaders
+from sdarts.distributed import all_agree, barrier, init
+from sdarts.preempt import EXIT_PREEMPTED, Preempted, PreemptionSignals
+from sdarts.engine import SearchEngine, write_ds_config
+from sdarts.runlog import JsonlLog, atomic_write
+from sdarts.search.strategies import make_strategy
+from sdarts.spaces import build_supernet
+
+log = logging.getLogger("sdarts")
+
+class RunDirError(RuntimeError):
+    pass
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, rank: int) -> None:
+    """Refuses to clobber a run: a finished or checkpointed run needs --resume (continue) or --force."""
+    if rank == 0:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            if not force:
+                what = "finished" if (run_dir / "summary.json").exists() else "existing"
+                raise RunDirError(f"run directory {run_dir} holds an {what} run; pass --resume to continue "
+                                  f"it or --force to start over")
+            import shutil
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "genotypes").mkdir(exist_ok=True)
+    barrier()
+
+
+def _alpha_record(model, step: int, epoch: int) -> dict:
+    probs = model.arch.probabilities()
+    return {"step": step, "epoch": epoch, "activation": model.arch.activation, "ops": list(model.op_names),
+            "edges": list(model.edge_names), "weights": {k: v.tolist() for k, v in probs.items()}}
+
+
+@dataclass
+class SearchResult:
+    genotype: G.Genotype
+    summary: dict
+
+
+def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, force: bool = False
+               ) -> SearchResult:
+    t_start = time.time()
+    rank, local_rank, world, device = init(cfg.engine.device)
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, resume, force, rank)
+    is_main = rank == 0
+    torch.manual_seed(cfg.seed)
+    accum = cfg.engine.grad_accum
+
+    skipped: list[str] = []
+    data_dev = device if cfg.data.device == "auto" else torch.device(cfg.data.device)
+    train_loader, valid_loader = build_search_loaders(cfg.data, cfg.model.num_classes, cfg.seed, rank, world,
+                                                      accum, str(data_dev), skipped)
+    if skipped and is_main:
+        log.warning("skipped %d undecodable samples (data.on_bad_sample=skip); first: %s", len(skipped), skipped[0])
+    model = build_supernet(cfg)
+    se = SearchEngine(cfg, model, world, device)
+    model = se.module
+    strategy = make_strategy(cfg.strategy, se, accum, cfg)
+
+    metrics = JsonlLog(run_dir / "metrics.jsonl", is_main or cfg.log.all_ranks)
+    alphas = JsonlLog(run_dir / "alphas.jsonl", is_main)
+    scores = JsonlLog(run_dir / "nb201_scores.jsonl", is_main and cfg.nb201_table is not None)
+    ckpt_dir = run_dir / "checkpoints"
+    start_epoch, step = 0, 0
+    client = se.load(ckpt_dir) if resume else None
+    if client is not None:
+        start_epoch, step = client["epoch"], client["step"]
+        train_loader.load_state_dict(client["train_loader"])
+        valid_loader.load_state_dict(client["valid_loader"])
+        torch.set_rng_state(client["torch_rng"])
+        for f in (metrics, alphas, scores):
+            f.truncate_after(step)
+        if is_main:
+            log.info("resumed from step %d (epoch %d)", step, start_epoch)
+    elif is_main:
+        atomic_write(run_dir / "config.yaml", dump(cfg))
+        write_ds_config(run_dir / "ds_config.json", se.ds_config)
+        alphas.append(_alpha_record(model, 0, 0) | {"when": "init"})
+
+    tb = None
+    if is_main and cfg.log.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(run_dir / "tb"))
+
+    def checkpoint(epoch: int) -> None:
+        state = {"space": cfg.space, "epoch": epoch, "step": step, "train_loader": train_loader.state_dict(),
+                 "valid_loader": valid_loader.state_dict(), "torch_rng": torch.get_rng_state(),
+                 "genotype": model.genotype().to_json()}
+        se.save(ckpt_dir, f"step{step:09d}", state, cfg.checkpoint.keep)
+
+    signals = PreemptionSignals()
+    valid_iter = valid_loader.cycle() if strategy.uses_valid else None
+    steps_per_epoch = len(train_loader) // (accum * strategy.train_batches_per_step)
+    genotype = model.genotype()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            se.set_epoch_lr(epoch)
+            train_loader.set_epoch(epoch)
+            train_iter = iter(train_loader)
+            done_in_epoch = train_loader.position // (accum * strategy.train_batches_per_step)
+            bar = None
+            if is_main and cfg.log.progress:
+                from tqdm import tqdm
+                bar = tqdm(total=steps_per_epoch, initial=done_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           leave=False, dynamic_ncols=True)
+            t_log, n_log = time.time(), 0
+            for _ in range(done_in_epoch, steps_per_epoch):
+                res = strategy.step(train_iter, valid_iter)
+                step += 1
+                n_log += res.images * world
+                if step % cfg.log.every_steps == 0 or step % steps_per_epoch == 0:
+                    ips = n_log / max(time.time() - t_log, 1e-9)
+                    rec = {"step": step, "epoch": epoch, "split": "train", "loss": res.loss, "acc": res.acc,
+                           "lr_w": se.opt.lr("w"), "lr_alpha": se.opt.lr("alpha"), "images_per_s": ips,
+                           "rank": rank}
+                    metrics.append(rec)
+                    if tb:
+                        for k in ("loss", "acc", "lr_w", "images_per_s"):
+                            tb.add_scalar(f"search/{k}", rec[k], step)
+                    if bar:
+                        bar.set_postfix(loss=f"{res.loss:.3f}", acc=f"{res.acc:.3f}", img_s=f"{ips:.0f}")
+                    t_log, n_log = time.time(), 0
+                if bar:
+                    bar.update(1)
+                if all_agree(signals.flag):
+                    checkpoint(epoch)
+                    if is_main:
+                        log.warning("preemption signal: checkpoint at step %d written, exiting with %d",
+                                    step, EXIT_PREEMPTED)
+                    raise Preempted()
+                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 \
+                        and step % steps_per_epoch != 0:
+                    checkpoint(epoch)
+            if bar:
+                bar.close()
+            # epoch end: alpha snapshot, genotype, (score), checkpoint
+            genotype = model.genotype()
+            if is_main:
+                alphas.append(_alpha_record(model, step, epoch + 1))
+                G.save(genotype, run_dir / "genotypes" / f"epoch_{epoch + 1:03d}.json")
+                line = f"epoch {epoch + 1}/{cfg.epochs} genotype {_short(genotype)}"
+                if cfg.nb201_table and genotype.space == "nb201":
+                    from sdarts.benchmarks.nb201 import lookup
+                    acc = lookup(genotype, cfg.nb201_table)
+                    scores.append({"step": step, "epoch": epoch + 1, "arch": genotype.to_arch_str(), **acc})
+                    line += f" | NB201 cifar10 test {acc['cifar10_test']:.2f}"
+                    if tb:
+                        tb.add_scalar("nb201/cifar10_test", acc["cifar10_test"], epoch + 1)
+                log.info(line)
+            train_loader.set_epoch(epoch + 1)
+            checkpoint(epoch + 1)
+    finally:
+        signals.restore()
+        if tb:
+            tb.close()
+
+    summary = {"genotype": genotype.to_json(), "space": cfg.space, "strategy": cfg.strategy,
+               "epochs": cfg.epochs, "steps": step, "world_size": world, "wall_time_s": time.time() - t_start,
+               "skipped_samples": len(skipped), "fp16_skipped_steps": se.skipped_steps()}
+    ips = [m["images_per_s"] for m in metrics.read() if m.get("images_per_s")]
+    if ips:
+        summary["images_per_s"] = sum(ips) / len(ips)
+    if cfg.nb201_table and genotype.space == "nb201":
+        from sdarts.benchmarks.nb201 import lookup
+        summary["nb201"] = lookup(genotype, cfg.nb201_table)
+    if is_main:
+        G.save(genotype, run_dir / "genotype.json")
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    barrier()
+    return SearchResult(genotype, summary)
+
+
+def _short(g: G.Genotype) -> str:
+    return g.to_arch_str() if g.space == "nb201" else g.to_string()

@@ -1,0 +1,155 @@
+"""NAS-Bench-201 search space: the supernet exactly as the benchmark defines it.
+
+Macro (AutoDL `TinyNetworkDarts`): 3x3 stem conv + BN; three stages of N cells at C, 2C, 4C channels,
+separated by fixed residual reduction blocks; BN + ReLU, global pooling, linear classifier.
+Cell: 4 nodes, node i sums MixedOp_{i<-j}(node j) over j < i (6 edges), 5 candidate ops per edge.
+
+Two implementations of the cell compute the same function:
+- `ClassicCell`: every op its own module and a weighted sum per edge (the reference repos' form,
+  kept as the baseline and the ground truth for the equivalence test);
+- `FusedCell` (default): work that only depends on the source node is done once per node instead of
+  once per edge. All edges leaving node j see the same input, so its ReLU, its pooling and its
+  identity are shared, the 1x1 and 3x3 convolutions of all outgoing edges run as one wider
+  convolution each (BN is per channel, so one BN over the concatenated channels is the same as one
+  BN per edge), and `none` is never computed (its output is zero).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sdarts.arch import ArchParams
+from sdarts.genotype import NB201_EDGES, NB201Genotype, derive_nb201
+from sdarts.spaces.ops import NB201_OPS, ResNetBasicBlock, nb201_op
+
+EDGE_NAMES: tuple[str, ...] = tuple(f"{i}<-{j}" for i, j in NB201_EDGES)
+NODES = 4
+
+
+class MixedOp(nn.Module):
+    """All candidate ops of one edge; output is the weight-sum of their outputs."""
+
+    def __init__(self, C: int, op_names: tuple[str, ...] = NB201_OPS, affine: bool = False,
+                 track_running_stats: bool = True):
+        super().__init__()
+        self.ops = nn.ModuleList(nb201_op(n, C, C, 1, affine, track_running_stats) for n in op_names)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return sum(w * op(x) for w, op in zip(weights, self.ops))
+
+
+class ClassicCell(nn.Module):
+    """NB201 search cell, op by op (reference formulation)."""
+
+    def __init__(self, C: int, op_names: tuple[str, ...] = NB201_OPS):
+        super().__init__()
+        self.edges = nn.ModuleDict({name.replace("<-", "_"): MixedOp(C, op_names) for name in EDGE_NAMES})
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        nodes = [x]
+        for i in range(1, NODES):
+            nodes.append(sum(self.edges[f"{i}_{j}"](nodes[j], weights[EDGE_NAMES.index(f"{i}<-{j}")])
+                             for j in range(i)))
+        return nodes[-1]
+
+
+class FusedCell(nn.Module):
+    """NB201 search cell with per-source-node shared work (same function as `ClassicCell`).
+
+    Parameters: for source node j with k = 3 - j outgoing edges, `conv3[j]` has k*C output channels
+    (edge (j+1)<-j first) and `conv1[j]` likewise; `bn3[j]`/`bn1[j]` are their affine-free BNs.
+    """
+
+    def __init__(self, C: int, op_names: tuple[str, ...] = NB201_OPS):
+        super().__init__()
+        if tuple(op_names) != NB201_OPS:
+            raise ValueError("FusedCell implements the standard NB201 op set only")
+        self.C = C
+        self.conv3 = nn.ModuleList(nn.Conv2d(C, (NODES - 1 - j) * C, 3, padding=1, bias=False) for j in range(NODES - 1))
+        self.conv1 = nn.ModuleList(nn.Conv2d(C, (NODES - 1 - j) * C, 1, bias=False) for j in range(NODES - 1))
+        self.bn3 = nn.ModuleList(nn.BatchNorm2d((NODES - 1 - j) * C, affine=False) for j in range(NODES - 1))
+        self.bn1 = nn.ModuleList(nn.BatchNorm2d((NODES - 1 - j) * C, affine=False) for j in range(NODES - 1))
+        self.idx = {name: k for k, name in enumerate(NB201_OPS)}
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        C, ix = self.C, self.idx
+        # contributions[i] collects the weighted edge outputs flowing into node i
+        acc: list[torch.Tensor | None] = [None] * NODES
+        node = x
+        for j in range(NODES - 1):
+            if j > 0:
+                node = acc[j]
+            r = F.relu(node)
+            c3 = self.bn3[j](self.conv3[j](r))
+            c1 = self.bn1[j](self.conv1[j](r))
+            pooled = F.avg_pool2d(node, 3, stride=1, padding=1, count_include_pad=False)
+            for k, i in enumerate(range(j + 1, NODES)):
+                w = weights[EDGE_NAMES.index(f"{i}<-{j}")]
+                out = (w[ix["skip_connect"]] * node + w[ix["avg_pool_3x3"]] * pooled
+                       + w[ix["nor_conv_3x3"]] * c3[:, k * C:(k + 1) * C]
+                       + w[ix["nor_conv_1x1"]] * c1[:, k * C:(k + 1) * C])
+                acc[i] = out if acc[i] is None else acc[i] + out
+        return acc[NODES - 1]
+
+    @torch.no_grad()
+    def load_from_classic(self, classic: ClassicCell) -> None:
+        """Copies a ClassicCell's conv weights and BN statistics into this layout (for equivalence checks)."""
+        for j in range(NODES - 1):
+            for k, i in enumerate(range(j + 1, NODES)):
+                ops = classic.edges[f"{i}_{j}"].ops
+                sl = slice(k * self.C, (k + 1) * self.C)
+                for conv, bn, name in ((self.conv3[j], self.bn3[j], "nor_conv_3x3"),
+                                       (self.conv1[j], self.bn1[j], "nor_conv_1x1")):
+                    seq = ops[NB201_OPS.index(name)]
+                    conv.weight[sl].copy_(seq[1].weight)
+                    bn.running_mean[sl].copy_(seq[2].running_mean)
+                    bn.running_var[sl].copy_(seq[2].running_var)
+
+
+class NB201Supernet(nn.Module):
+    """The NB201 supernet with its architecture parameters (`self.arch`)."""
+
+    space = "nb201"
+
+    def __init__(self, C: int = 16, N: int = 5, num_classes: int = 10, activation: str = "softmax",
+                 init: float = 0.0, init_std: float = 0.0, impl: str = "fused",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        cell_cls = {"fused": FusedCell, "classic": ClassicCell}[impl]
+        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        layers: list[nn.Module] = []
+        C_prev = C
+        for stage, mult in enumerate((1, 2, 4)):
+            if stage > 0:
+                layers.append(ResNetBasicBlock(C_prev, C * mult, 2))
+            layers.extend(cell_cls(C * mult) for _ in range(N))
+            C_prev = C * mult
+        self.cells = nn.ModuleList(layers)
+        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))
+        self.classifier = nn.Linear(C_prev, num_classes)
+        self.arch = ArchParams({"normal": (len(EDGE_NAMES), len(NB201_OPS))}, activation, init, init_std,
+                               generator)
+        self.op_names = NB201_OPS
+        self.edge_names = EDGE_NAMES
+
+    def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        w = (weights or self.arch.weights())["normal"]
+        x = self.stem(x)
+        for cell in self.cells:
+            x = cell(x, w) if isinstance(cell, (ClassicCell, FusedCell)) else cell(x)
+        x = self.lastact(x)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+    def search_cells(self) -> list[nn.Module]:
+        return [c for c in self.cells if isinstance(c, (ClassicCell, FusedCell))]
+
+    def get_alphas(self) -> list[nn.Parameter]:
+        return list(self.arch.parameters())
+
+    def get_weights(self) -> list[nn.Parameter]:
+        alpha_ids = {id(p) for p in self.get_alphas()}
+        return [p for p in self.parameters() if id(p) not in alpha_ids]
+
+    def genotype(self) -> NB201Genotype:
+        return derive_nb201(self.arch.probabilities()["normal"], self.op_names)
