@@ -81,6 +81,14 @@ class SearchEngine:
                                    cfg.engine.autocast, cfg.engine.zero_stage, device.type == "cuda")
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=self.ds_config)
         self.device = self.engine.device
+        # DeepSpeed's bf16/fp16 modes cast the whole module, so inputs must match; autocast takes fp32 inputs
+        self.input_dtype = None
+        if cfg.precision != "fp32" and not cfg.engine.autocast:
+            self.input_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float16
+            # DeepSpeed casts parameters only; BN running statistics must follow or BN refuses the input
+            for b in self.engine.module.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(self.input_dtype)
 
     # -- the step -----------------------------------------------------------------------------
     @property
@@ -88,6 +96,8 @@ class SearchEngine:
         return self.engine.module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_dtype is not None:
+            x = x.to(self.input_dtype)
         return self.engine(x)
 
     def backward(self, loss: torch.Tensor) -> None:

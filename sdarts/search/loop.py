@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from sdarts import genotype as G
+from sdarts.analysis.hook import SearchAnalysis
 from sdarts.config import SearchConfig, dump
 from sdarts.data import build_search_loaders
 from sdarts.distributed import all_agree, barrier, init
@@ -79,8 +80,12 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     strategy = make_strategy(cfg.strategy, se, accum, cfg)
 
     metrics = JsonlLog(run_dir / "metrics.jsonl", is_main or cfg.log.all_ranks)
-    alphas = JsonlLog(run_dir / "alphas.jsonl", is_main)
+    # with log.all_ranks every rank records its alpha (rank r > 0 in alphas.rank<r>.jsonl), so a
+    # multi-rank run can be checked for identical alpha everywhere
+    alphas = JsonlLog(run_dir / ("alphas.jsonl" if is_main else f"alphas.rank{rank}.jsonl"),
+                      is_main or cfg.log.all_ranks)
     scores = JsonlLog(run_dir / "nb201_scores.jsonl", is_main and cfg.nb201_table is not None)
+    analysis = SearchAnalysis(cfg, run_dir, model, train_loader, valid_loader, enabled=is_main)  # off by default
     ckpt_dir = run_dir / "checkpoints"
     start_epoch, step = 0, 0
     client = se.load(ckpt_dir) if resume else None
@@ -128,6 +133,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
             for _ in range(done_in_epoch, steps_per_epoch):
                 res = strategy.step(train_iter, valid_iter)
                 step += 1
+                analysis.maybe_log(step, epoch, res)
                 n_log += res.images * world
                 if step % cfg.log.every_steps == 0 or step % steps_per_epoch == 0:
                     ips = n_log / max(time.time() - t_log, 1e-9)
@@ -156,8 +162,8 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                 bar.close()
             # epoch end: alpha snapshot, genotype, (score), checkpoint
             genotype = model.genotype()
+            alphas.append(_alpha_record(model, step, epoch + 1))
             if is_main:
-                alphas.append(_alpha_record(model, step, epoch + 1))
                 G.save(genotype, run_dir / "genotypes" / f"epoch_{epoch + 1:03d}.json")
                 line = f"epoch {epoch + 1}/{cfg.epochs} genotype {_short(genotype)}"
                 if cfg.nb201_table and genotype.space == "nb201":
