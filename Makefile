@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/python launcher/search.py --config configs/search/demo.yaml --run-dir runs/demo --force
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --timeout 900 tests
+	$(BIN)/python -m pytest -q --timeout 900 tests
 
 test-heavy: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout 3600 -m heavy tests
