@@ -37,9 +37,12 @@ class TensorLoader:
 
     def __init__(self, split: Split, micro_batch: int, rank: int = 0, world: int = 1, accum: int = 1,
                  seed: int = 0, augment: bool = True, device: str | torch.device = "cpu",
-                 mean=CIFAR_MEAN, std=CIFAR_STD, salt: int = 0, pad: int = 4):
+                 mean=CIFAR_MEAN, std=CIFAR_STD, salt: int = 0, pad: int = 4, cutout: int = 0):
         self.micro_batch, self.rank, self.world, self.accum = micro_batch, rank, world, accum
         self.seed, self.salt, self.augment, self.pad = seed, salt, augment, pad
+        #: side of the Cutout square (DARTS retrain: 16); 0 = off. Applied only with `augment`.
+        self.cutout = cutout
+        self._cutout_epoch, self._cutout_centers = None, None
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -90,6 +93,8 @@ class TensorLoader:
         if self.augment:
             x = self._crop_flip(x, offs.to(self.device), flips.to(self.device))
         x = (x - self.mean) / self.std
+        if self.augment and self.cutout > 0:
+            x = self._apply_cutout(x, dev_idx)
         return Batch(x, self.labels[dev_idx], self.ids[dev_idx])
 
     def _crop_flip(self, x: torch.Tensor, offs: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -102,6 +107,25 @@ class TensorLoader:
         cols = torch.where(flips.view(B, 1), cols.flip(1), cols)
         xp = xp.gather(2, rows.view(B, 1, H, 1).expand(B, C, H, W + 2 * p))
         return xp.gather(3, cols.view(B, 1, 1, W).expand(B, C, H, W))
+
+    def _apply_cutout(self, x: torch.Tensor, dev_idx: torch.Tensor) -> torch.Tensor:
+        """Cutout (DeVries & Taylor; DARTS' retrain): zeroes a `cutout`-sided square, clipped at the
+        border, around a uniform random centre, after normalisation. Centres are drawn per sample from
+        their own generator seeded by (seed, salt, epoch), so the crop/flip stream is unchanged."""
+        B, _, H, W = x.shape
+        if self._cutout_epoch != self.epoch:
+            g = torch.Generator().manual_seed(hash((self.seed, self.salt, self.epoch, 7919)) & 0x7FFFFFFFFFFF)
+            self._cutout_centers = torch.stack([torch.randint(0, H, (len(self.labels),), generator=g),
+                                                torch.randint(0, W, (len(self.labels),), generator=g)], 1)
+            self._cutout_epoch = self.epoch
+        c = self._cutout_centers[dev_idx.cpu()].to(x.device)
+        half = self.cutout // 2
+        rows = torch.arange(H, device=x.device).view(1, H)
+        cols = torch.arange(W, device=x.device).view(1, W)
+        in_r = (rows >= (c[:, :1] - half).clamp(0, H)) & (rows < (c[:, :1] + half).clamp(0, H))
+        in_c = (cols >= (c[:, 1:] - half).clamp(0, W)) & (cols < (c[:, 1:] + half).clamp(0, W))
+        keep = ~(in_r.view(B, 1, H, 1) & in_c.view(B, 1, 1, W))
+        return x * keep
 
     def cycle(self) -> Iterator[Batch]:
         """Endless iteration across epochs (the bi-level validation stream)."""

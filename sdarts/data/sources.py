@@ -193,3 +193,33 @@ def synthetic_search_splits(n: int, resolution: int, num_classes: int, seed: int
     labels = (images.flatten(1).float() / 255 - 0.5).matmul(proj).argmax(1)
     whole = Split(images, labels, torch.arange(2 * n))
     return whole.subset(torch.arange(0, 2 * n, 2)), whole.subset(torch.arange(1, 2 * n, 2))
+
+
+def cifar10_split(root: str | None, split: str = "train", fraction: float = 1.0, cap: int = 0,
+                  on_bad: str = "error", skipped: list | None = None) -> Split:
+    """One whole CIFAR-10 split for retraining: `train` (all 50k) or `test` (10k).
+
+    From `train-*.tar` / `test-*.tar` WebDataset shards, or an npz with `x_train`/`y_train` and
+    `x_test`/`y_test`. `fraction` and `cap` keep a class-balanced subset chosen by id hash (the
+    same on every rank), for short runs."""
+    if split not in ("train", "test"):
+        raise DataError(f"CIFAR-10 split must be 'train' or 'test', got {split!r}")
+    if root is None:
+        raise DataError("data.root is required for dataset cifar10 (a folder of train-*.tar / test-*.tar "
+                        "shards or an .npz)")
+    p = Path(root)
+    skipped = [] if skipped is None else skipped
+    if p.is_file() and p.suffix == ".npz":
+        d = np.load(p)
+        xk, yk = f"x_{split}", f"y_{split}"
+        if xk not in d or yk not in d:
+            raise DataError(f"{p}: npz lacks {xk} / {yk}")
+        images = torch.from_numpy(d[xk]).permute(0, 3, 1, 2).contiguous()
+        labels = torch.from_numpy(d[yk].astype(np.int64))
+        return per_class_subset(Split(images, labels, torch.arange(len(labels))), fraction, cap)
+    if not p.is_dir():
+        raise DataError(f"data.root not found: {p}")
+    shards = sorted(p.glob(f"{split}-*.tar"))
+    if not shards:
+        raise DataError(f"{p}: no {split}-*.tar shards")
+    return load_cifar_wds(p, shards, fraction, cap, on_bad, skipped)
