@@ -46,19 +46,19 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def lr(self, tag: str) -> float:
         return next(g["lr"] for g in self.param_groups if g["tag"] == tag)
 
-    def _clip_coef(self, group) -> float:
-        grads = [p.grad for p in group["params"] if p.grad is not None]
-        sq = torch.zeros((), dtype=torch.float32,
-                         device=grads[0].device if grads else group["params"][0].device)
-        for g in grads:
-            sq += g.float().pow(2).sum()
+    def _clip_coef(self, group, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """Clip coefficient for the w group as a device tensor (no host sync on the step's hot path)."""
+        norms = torch._foreach_norm([g.float() for g in grads] if grads[0].dtype != torch.float32 else grads)
+        sq = torch.stack([n * n for n in norms]).sum() if len(norms) > 1 else norms[0] ** 2
         if self.partitioned and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sq)
-        norm = float(sq.sqrt())
-        self.last_grad_norm = norm
-        if self.grad_clip <= 0 or not math.isfinite(norm):
-            return 1.0
-        return min(1.0, self.grad_clip / (norm + 1e-6))
+        norm = sq.sqrt()
+        self.last_grad_norm = norm  # a tensor; read it only when logging
+        if self.grad_clip <= 0:
+            return None
+        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        # a non-finite norm leaves the gradients as they are (fp16 overflow is handled by the loss scaler)
+        return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -69,33 +69,41 @@ class CombinedOptimizer(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            coef = self._clip_coef(group) if group["tag"] == "w" else 1.0
+            grads = [p.grad for p in params]
+            if group["tag"] == "w":
+                coef = self._clip_coef(group, grads)
+                if coef is not None:
+                    grads = torch._foreach_mul(grads, coef.to(grads[0].dtype))
             if group["rule"] == "sgd":
-                self._sgd(group, params, coef)
+                self._sgd(group, params, grads)
             else:
-                self._adam(group, params, coef)
+                self._adam(group, params, grads)
         return loss
 
-    def _sgd(self, group, params, coef):
+    def _sgd(self, group, params, grads):
+        """torch.optim.SGD's rule (coupled weight decay, dampening 0), with multi-tensor kernels."""
         lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
-        for p in params:
-            d = p.grad if coef == 1.0 else p.grad * coef
-            if wd:
-                d = d.add(p, alpha=wd)
-            if mom:
-                st = self.state[p]
-                buf = st.get("momentum_buffer")
-                if buf is None:
-                    buf = st["momentum_buffer"] = d.detach().clone()
-                else:
-                    buf.mul_(mom).add_(d)
-                d = d.add(buf, alpha=mom) if nesterov else buf
-            p.add_(d, alpha=-lr)
+        if wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if mom:
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            if any(b is None for b in bufs):
+                for p, g in zip(params, grads):
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = g.detach().clone()
+                    else:
+                        self.state[p]["momentum_buffer"].mul_(mom).add_(g)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
+            else:
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, grads)
+            grads = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
+        torch._foreach_add_(params, grads, alpha=-lr)
 
-    def _adam(self, group, params, coef):
+    def _adam(self, group, params, grads):
+        """torch.optim.Adam's rule (L2 weight decay added to the gradient, as DARTS uses it)."""
         lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        for p in params:
-            g = p.grad if coef == 1.0 else p.grad * coef
+        for p, g in zip(params, grads):
             if wd:
                 g = g.add(p, alpha=wd)
             st = self.state[p]
@@ -104,7 +112,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
                 st["exp_avg"] = torch.zeros_like(p)
                 st["exp_avg_sq"] = torch.zeros_like(p)
             st["step"] += 1
-            t = float(st["step"])
+            t = float(st["step"])  # a CPU tensor: no device sync
             st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
             st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
             denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)

@@ -137,7 +137,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                 n_log += res.images * world
                 if step % cfg.log.every_steps == 0 or step % steps_per_epoch == 0:
                     ips = n_log / max(time.time() - t_log, 1e-9)
-                    rec = {"step": step, "epoch": epoch, "split": "train", "loss": res.loss, "acc": res.acc,
+                    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(res.loss), "acc": float(res.acc),
                            "lr_w": se.opt.lr("w"), "lr_alpha": se.opt.lr("alpha"), "images_per_s": ips,
                            "rank": rank}
                     metrics.append(rec)
@@ -145,7 +145,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                         for k in ("loss", "acc", "lr_w", "images_per_s"):
                             tb.add_scalar(f"search/{k}", rec[k], step)
                     if bar:
-                        bar.set_postfix(loss=f"{res.loss:.3f}", acc=f"{res.acc:.3f}", img_s=f"{ips:.0f}")
+                        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
                     t_log, n_log = time.time(), 0
                 if bar:
                     bar.update(1)

@@ -25,20 +25,26 @@ from sdarts.data import Batch
 
 @dataclass
 class StepResult:
-    loss: float
-    acc: float
+    """Loss and accuracy stay device tensors: reading them forces a host sync, so the loop does it only
+    when it logs."""
+    loss: torch.Tensor
+    acc: torch.Tensor
     images: int
     alpha_ids: list[torch.Tensor]  # sample ids that produced alpha's gradient (tests assert on them)
     w_ids: list[torch.Tensor]
 
 
-def _micro(engine, batch: Batch, tags: set[str]) -> tuple[float, float]:
+def _micro(engine, batch: Batch, tags: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
     logits = engine.forward(batch.x)
     loss = F.cross_entropy(logits.float(), batch.y)
     engine.backward(loss)
     engine.step(tags)
-    acc = (logits.argmax(1) == batch.y).float().mean()
-    return float(loss.detach()), float(acc)
+    acc = (logits.detach().argmax(1) == batch.y).float().mean()
+    return loss.detach(), acc
+
+
+def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.stack(xs).mean()
 
 
 class SingleLevel:
@@ -56,7 +62,7 @@ class SingleLevel:
             l, a = _micro(self.engine, b, {"w", "alpha"})
             losses.append(l), accs.append(a), ids.append(b.ids)
             n += len(b.y)
-        return StepResult(sum(losses) / len(losses), sum(accs) / len(accs), n, ids, ids)
+        return StepResult(_mean(losses), _mean(accs), n, ids, ids)
 
 
 class Bilevel:
@@ -83,7 +89,7 @@ class Bilevel:
             l, a = _micro(self.engine, b, {"w"})
             losses.append(l), accs.append(a), w_ids.append(b.ids)
             n += len(b.y)
-        return StepResult(sum(losses) / len(losses), sum(accs) / len(accs), n, alpha_ids, w_ids)
+        return StepResult(_mean(losses), _mean(accs), n, alpha_ids, w_ids)
 
 
 class TwoBatch(Bilevel):
