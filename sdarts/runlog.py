@@ -42,6 +42,11 @@ class JsonlLog:
                 break  # a torn last line from a kill
         atomic_write(self.path, "".join(l + "\n" for l in keep))
 
+    def rewrite(self, records: list[dict]) -> None:
+        """Replaces the file with exactly these records (atomic)."""
+        if self.enabled:
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []

@@ -88,20 +88,27 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     analysis = SearchAnalysis(cfg, run_dir, model, train_loader, valid_loader, enabled=is_main)  # off by default
     ckpt_dir = run_dir / "checkpoints"
     start_epoch, step = 0, 0
+    # per-epoch alpha snapshots live in the checkpoint too, so alphas.jsonl can be rebuilt on resume
+    alpha_history: list[dict] = [_alpha_record(model, 0, 0) | {"when": "init"}]
     client = se.load(ckpt_dir) if resume else None
     if client is not None:
         start_epoch, step = client["epoch"], client["step"]
         train_loader.load_state_dict(client["train_loader"])
         valid_loader.load_state_dict(client["valid_loader"])
         torch.set_rng_state(client["torch_rng"])
-        for f in (metrics, alphas, scores):
+        if device.type == "cuda" and "cuda_rng" in client:
+            torch.cuda.set_rng_state(client["cuda_rng"], device)
+        alpha_history = list(client["alpha_history"])
+        for f in (metrics, scores):
             f.truncate_after(step)
+        alphas.rewrite(alpha_history if is_main else alpha_history[1:])
         if is_main:
             log.info("resumed from step %d (epoch %d)", step, start_epoch)
-    elif is_main:
-        atomic_write(run_dir / "config.yaml", dump(cfg))
-        write_ds_config(run_dir / "ds_config.json", se.ds_config)
-        alphas.append(_alpha_record(model, 0, 0) | {"when": "init"})
+    else:
+        if is_main:
+            atomic_write(run_dir / "config.yaml", dump(cfg))
+            write_ds_config(run_dir / "ds_config.json", se.ds_config)
+            alphas.append(alpha_history[0])
 
     tb = None
     if is_main and cfg.log.tensorboard:
@@ -111,7 +118,9 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     def checkpoint(epoch: int) -> None:
         state = {"space": cfg.space, "epoch": epoch, "step": step, "train_loader": train_loader.state_dict(),
                  "valid_loader": valid_loader.state_dict(), "torch_rng": torch.get_rng_state(),
-                 "genotype": model.genotype().to_json()}
+                 "genotype": model.genotype().to_json(), "alpha_history": alpha_history}
+        if device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
         se.save(ckpt_dir, f"step{step:09d}", state, cfg.checkpoint.keep)
 
     signals = PreemptionSignals()
@@ -139,7 +148,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                     ips = n_log / max(time.time() - t_log, 1e-9)
                     rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(res.loss), "acc": float(res.acc),
                            "lr_w": se.opt.lr("w"), "lr_alpha": se.opt.lr("alpha"), "images_per_s": ips,
-                           "rank": rank}
+                           "rank": rank, "elapsed_s": round(time.time() - t_start, 3)}
                     metrics.append(rec)
                     if tb:
                         for k in ("loss", "acc", "lr_w", "images_per_s"):
@@ -162,14 +171,16 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                 bar.close()
             # epoch end: alpha snapshot, genotype, (score), checkpoint
             genotype = model.genotype()
-            alphas.append(_alpha_record(model, step, epoch + 1))
+            alpha_history.append(_alpha_record(model, step, epoch + 1))
+            alphas.append(alpha_history[-1])
             if is_main:
                 G.save(genotype, run_dir / "genotypes" / f"epoch_{epoch + 1:03d}.json")
                 line = f"epoch {epoch + 1}/{cfg.epochs} genotype {_short(genotype)}"
                 if cfg.nb201_table and genotype.space == "nb201":
                     from sdarts.benchmarks.nb201 import lookup
                     acc = lookup(genotype, cfg.nb201_table)
-                    scores.append({"step": step, "epoch": epoch + 1, "arch": genotype.to_arch_str(), **acc})
+                    scores.append({"step": step, "epoch": epoch + 1, "arch": genotype.to_arch_str(),
+                                   "elapsed_s": round(time.time() - t_start, 3), **acc})
                     line += f" | NB201 cifar10 test {acc['cifar10_test']:.2f}"
                     if tb:
                         tb.add_scalar("nb201/cifar10_test", acc["cifar10_test"], epoch + 1)
