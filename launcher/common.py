@@ -7,6 +7,8 @@ import os
 import sys
 
 EXIT_BAD_INPUT = 2
+#: a run stopped by a numerical fault (NaN/inf loss); the last good checkpoint is named in the message
+EXIT_NUMERICAL = 3
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -26,8 +28,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def fail_cleanly():
     """Turns the library's user-facing errors into `error: <one line>` and exit 2."""
+    from sdarts.search.strategies import NumericalFault
     try:
         yield
+    except NumericalFault as e:
+        print(f"error: numerical fault at {e}", file=sys.stderr)
+        sys.exit(EXIT_NUMERICAL)
     except _user_errors() as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)

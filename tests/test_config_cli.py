@@ -70,3 +70,14 @@ def test_finished_run_dir_is_not_clobbered(tmp_path):
     r = run_cli(["launcher/search.py", "--config", "configs/search/smoke.yaml", "--run-dir", str(run)])
     assert r.returncode == 2 and "--resume" in r.stderr
     assert (run / "summary.json").read_text() == "{}"
+
+
+def test_divergence_stops_with_step_and_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(["launcher/search.py", "--config", "configs/search/smoke.yaml", "--run-dir", str(run),
+                 "--set", "optim.w.lr=1e30", "--set", "optim.w.grad_clip=0", "--set", "epochs=3",
+                 "--set", "log.progress=false"])
+    assert r.returncode == 3, r.stderr[-2000:]
+    line = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(line) == 1 and "step" in line[0] and "last good checkpoint" in line[0], r.stderr[-1000:]
+    assert "Traceback" not in r.stderr

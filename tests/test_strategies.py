@@ -94,3 +94,16 @@ def test_second_order_refuses_mixed_precision():
     from sdarts.config import ConfigError
     with pytest.raises(ConfigError, match="fp32"):
         tiny_cfg(strategy="bilevel_second_order", precision="bf16")
+
+
+def test_nan_loss_stops_before_any_update():
+    from sdarts.data import Batch
+    from sdarts.search.strategies import NumericalFault
+    se, strat, tr, _ = make(tiny_cfg(strategy="single_level"))
+    b = next(iter(tr))
+    bad = Batch(torch.full_like(b.x, float("nan")), b.y, b.ids)
+    w0, a0 = snapshot(se.module)
+    with pytest.raises(NumericalFault, match="non-finite loss"):
+        strat.step(iter([bad]), None)
+    w1, a1 = snapshot(se.module)
+    assert not changed(w0, w1) and not changed(a0, a1)

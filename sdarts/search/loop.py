@@ -22,7 +22,7 @@ from sdarts.distributed import all_agree, barrier, init
 from sdarts.preempt import EXIT_PREEMPTED, Preempted, PreemptionSignals
 from sdarts.engine import SearchEngine, write_ds_config
 from sdarts.runlog import JsonlLog, atomic_write
-from sdarts.search.strategies import make_strategy
+from sdarts.search.strategies import NumericalFault, make_strategy
 from sdarts.spaces import build_supernet
 
 log = logging.getLogger("sdarts")
@@ -140,7 +140,13 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                            leave=False, dynamic_ncols=True)
             t_log, n_log = time.time(), 0
             for _ in range(done_in_epoch, steps_per_epoch):
-                res = strategy.step(train_iter, valid_iter)
+                try:
+                    res = strategy.step(train_iter, valid_iter)
+                except NumericalFault as e:
+                    latest = ckpt_dir / "latest"
+                    last = f"{ckpt_dir / latest.read_text().strip()}" if latest.exists() else "none yet"
+                    raise NumericalFault(f"step {step + 1} (epoch {epoch + 1}): {e}; last good checkpoint: {last} "
+                                         f"(--resume continues from it; consider a lower optim.w.lr)") from None
                 step += 1
                 analysis.maybe_log(step, epoch, res)
                 n_log += res.images * world

@@ -34,9 +34,17 @@ class StepResult:
     w_ids: list[torch.Tensor]
 
 
+class NumericalFault(RuntimeError):
+    """A non-finite loss in fp32/bf16: the step is refused before any parameter moves."""
+
+
 def _micro(engine, batch: Batch, tags: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
     logits = engine.forward(batch.x)
     loss = F.cross_entropy(logits.float(), batch.y)
+    # fp16 runs leave overflow to the loss scaler, which skips the whole step (w and alpha) and counts it;
+    # elsewhere a NaN/inf loss stops the run before backward, so alpha never learns from it
+    if engine.cfg.precision != "fp16" and not torch.isfinite(loss):
+        raise NumericalFault(f"non-finite loss ({float(loss.detach())}) in an {'+'.join(sorted(tags))} update")
     engine.backward(loss)
     engine.step(tags)
     acc = (logits.detach().argmax(1) == batch.y).float().mean()
