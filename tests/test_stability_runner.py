@@ -1,0 +1,187 @@
+"""The NB201 stability runner: its grid, its report, and resume of a killed grid without redoing
+finished cells."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PYTHON, ROOT, need_data
+from sdarts.benchmarks import nb201_report as R
+
+spec = importlib.util.spec_from_file_location("nb201_stability", ROOT / "scripts" / "nb201_stability.py")
+runner = importlib.util.module_from_spec(spec)
+sys.modules["nb201_stability"] = runner  # dataclasses look their module up while the script loads
+spec.loader.exec_module(runner)
+
+ARCH_GOOD = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|"
+ARCH_SKIP = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|"
+
+
+def _args(tmp_path, **extra):
+    """The attributes `build_grid` reads from the parsed command line."""
+    ns = {"config": "configs/search/nb201_proxy.yaml", "results": str(tmp_path), "variants": "single_level:softmax,bilevel",
+          "lrs": "0.025,0.005", "alpha_optimizers": "sgd,adam", "alpha_lr": None, "seeds": "0,1",
+          "device": "cpu", "overrides": ["epochs=3"]}
+    ns.update(extra)
+    return type("A", (), ns)
+
+
+def test_grid_follows_table5_lr_rule(tmp_path):
+    cells = runner.build_grid(_args(tmp_path))
+    assert len(cells) == 2 * 2 * 2 * 2
+    by_name = {c.name: c for c in cells}
+    sgd = by_name["bilevel-softmax-sgd-lr0.005-s1"].overrides
+    assert "optim.w.lr=0.005" in sgd and "optim.alpha.lr=0.005" in sgd and "seed=1" in sgd  # alpha on SGD at lr
+    adam = by_name["single_level-softmax-adam-lr0.025-s0"].overrides
+    assert not any(o.startswith("optim.alpha.lr=") for o in adam)  # Adam keeps the config's 3e-4
+    assert adam[-1] == "epochs=3" and "engine.device=cpu" in adam  # --set passes through, last wins
+    assert by_name["bilevel-softmax-sgd-lr0.005-s1"].run_dir == tmp_path / "runs" / "bilevel-softmax-sgd-lr0.005-s1"
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--variants", "trilevel"], "unknown strategy 'trilevel'"),
+    (["--variants", "bilevel:tanh"], "unknown activation 'tanh'"),
+    (["--lrs", "fast"], "--lrs: expected comma-separated numbers"),
+    (["--set", "optim.w.lr=-1"], "optim.w.lr"),
+    (["--config", "nope.yaml"], "config file not found"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
+    assert runner.main(["--results", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+    assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_results_folder_refuses_other_settings(tmp_path):
+    runner.check_grid_file(tmp_path, "configs/search/nb201_proxy.yaml", ["epochs=3"], "cpu")
+    runner.check_grid_file(tmp_path, "configs/search/nb201_proxy.yaml", ["epochs=3"], "cpu")  # same: fine
+    with pytest.raises(runner.GridError, match="made with other settings"):
+        runner.check_grid_file(tmp_path, "configs/search/nb201_proxy.yaml", ["epochs=4"], "cpu")
+
+
+def _fake_run(root: Path, name: str, strategy: str, seed: int, c10: list[float], arch: str, finished: bool):
+    d = root / name
+    d.mkdir(parents=True)
+    cfg = {"seed": seed, "epochs": 4, "strategy": strategy, "arch": {"activation": "softmax"},
+           "optim": {"w": {"lr": 0.025}, "alpha": {"optimizer": "sgd", "lr": 0.025}}}
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with open(d / "nb201_scores.jsonl", "w") as f:
+        for e, acc in enumerate(c10, start=1):
+            rec = {"step": e * 10, "epoch": e, "arch": arch, **{c: acc for c in R.COLUMNS}}
+            f.write(json.dumps(rec) + "\n")
+        f.write('{"step": 99, "epo')  # a torn line from a kill is ignored
+    if finished:
+        (d / "summary.json").write_text(json.dumps({"genotype": {"space": "nb201", "arch": arch},
+                                                    "nb201": {c: c10[-1] for c in R.COLUMNS}}))
+
+
+def test_report_in_paper_form(tmp_path):
+    _fake_run(tmp_path, "s0", "single_level", 0, [90.0, 93.0, 94.0, 94.0], ARCH_GOOD, True)
+    _fake_run(tmp_path, "s1", "single_level", 1, [91.0, 80.0, 92.0, 93.0], ARCH_GOOD, True)
+    _fake_run(tmp_path, "b0", "bilevel", 0, [92.0, 60.0, 10.0, 54.3], ARCH_SKIP, True)
+    _fake_run(tmp_path, "b1", "bilevel", 1, [92.0, 91.0, 88.0], ARCH_GOOD, False)  # cut short at epoch 3
+    runs = R.collect(tmp_path)
+    assert len(runs) == 4
+    groups = {g["strategy"]: g for g in R.summarize(runs)}
+    s, b = groups["single_level"], groups["bilevel"]
+    assert s["mean"]["cifar10_test"] == pytest.approx(93.5) and s["std"]["cifar10_test"] == pytest.approx(0.5)
+    # worst over epochs > E/2 = 2: seed 0 -> 94, seed 1 -> 92 (the dip at epoch 2 is first-half)
+    assert s["worst_second_half_mean"] == pytest.approx(93.0) and s["worst_second_half_min"] == 92.0
+    assert b["finished"] == 1 and b["partial"] == 1
+    assert b["mean"]["cifar10_test"] == pytest.approx((54.3 + 88.0) / 2)  # partial run: its last scored epoch
+    assert b["worst_second_half_min"] == 10.0 and b["param_free_edges_mean"] == pytest.approx(3.5)
+    md = R.markdown(R.summarize(runs), runs)
+    assert "| Single-DARTS | softmax | sgd | 0.025 | 2 | " in md
+    assert "| DARTS (1st order) | softmax | sgd | 0.025 | 1 (+1 partial) | " in md
+    assert "93.50+-0.50" in md and "| b1 (partial) | 92.0 | 91.0 | 88.0 |" in md
+
+
+def _tiny_grid_cmd(results: Path, table: Path, seeds: str = "0,1,2") -> list[str]:
+    return [PYTHON, str(ROOT / "scripts" / "nb201_stability.py"), "--results", str(results),
+            "--variants", "single_level:softmax", "--seeds", seeds, "--workers", "1", "--device", "cpu",
+            "--set", "data.dataset=synthetic", "--set", "data.synthetic_size=64", "--set", "data.resolution=8",
+            "--set", "data.micro_batch=16", "--set", "model.C=2", "--set", "epochs=2",
+            "--set", f"nb201_table={table}"]
+
+
+def _env() -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
+        e.pop(k, None)
+    return e
+
+
+def _searches_of(results: Path) -> list[int]:
+    """Pids of search processes still writing into `results` (children outlive a SIGKILLed runner briefly)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "launcher/search.py" in cmd and str(results) in cmd:
+                pids.append(int(p.name))
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_grid_resumes_without_redoing_finished_cells(tmp_path):
+    table = need_data("nb201", "nb201_accuracies.csv.gz")
+    results = tmp_path / "grid"
+    first = results / "runs" / "single_level-softmax-sgd-lr0.025-s0"
+    proc = subprocess.Popen(_tiny_grid_cmd(results, table), cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 400
+    while not (first / "summary.json").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "first grid cell did not finish"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # the hardest kill: no cleanup in the runner at all
+    proc.wait()
+    proc.stdout.close()
+    t_end = time.time() + 120
+    while _searches_of(results):  # the running search got SIGTERM from the kernel (parent death) and exits
+        assert time.time() < t_end, "an orphaned search kept running after its runner was killed"
+        time.sleep(0.5)
+    summary_mtime = (first / "summary.json").stat().st_mtime_ns
+
+    r = subprocess.run(_tiny_grid_cmd(results, table), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "1 already finished, 2 to run" in r.stdout
+    assert (first / "summary.json").stat().st_mtime_ns == summary_mtime
+    launches = (results / "logs" / f"{first.name}.log").read_text().count("\n$ ")
+    launches += (results / "logs" / f"{first.name}.log").read_text().startswith("$ ")
+    assert launches == 1  # the finished cell was started exactly once across both invocations
+    out = json.loads((results / "results.json").read_text())
+    assert sorted(r["seed"] for r in out["runs"] if r["finished"]) == [0, 1, 2]
+    assert "| Single-DARTS | softmax | sgd | 0.025 | 3 | " in (results / "table.md").read_text()
+    status = json.loads((results / "status.json").read_text())
+    assert all(v["state"] == "done" for v in status.values())
+    # a third invocation has nothing to do
+    r = subprocess.run(_tiny_grid_cmd(results, table), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "3 already finished, 0 to run" in r.stdout
+
+
+def test_deadline_stops_and_still_writes_the_table(tmp_path):
+    table = need_data("nb201", "nb201_accuracies.csv.gz")
+    results = tmp_path / "grid"
+    r = subprocess.run(_tiny_grid_cmd(results, table, seeds="0") + ["--deadline-s", "2", "--grace-s", "30"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 124, r.stdout + r.stderr
+    assert "stopping (deadline 2s)" in r.stdout
+    assert (results / "table.md").exists() and (results / "results.json").exists()
+    status = json.loads((results / "status.json").read_text())
+    assert status["single_level-softmax-sgd-lr0.025-s0"]["state"] == "stopped"
+    assert not _searches_of(results)
