@@ -98,6 +98,11 @@ class DataConfig(_Strict):
     synthetic_size: int = Field(default=512, gt=0)
     #: what to do with an undecodable image: 'error' names it and stops, 'skip' counts it in the log
     on_bad_sample: Literal["error", "skip"] = "error"
+    #: class-index file for ImageFolder labels (ImageNet's classes.tsv); default: root/classes.tsv if
+    #: present, else the folders of root/train
+    classes_file: Optional[str] = None
+    #: output dtype of the streaming (DALI / torch DataLoader) loaders
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
 
 
 class EngineConfig(_Strict):

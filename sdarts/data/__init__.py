@@ -11,8 +11,10 @@ from sdarts.config import DataConfig
 from sdarts.data.loader import Batch, TensorLoader
 from sdarts.data.sources import DataError, Split, cifar10_search_splits, digits_search_splits, \
     synthetic_search_splits
+from sdarts.data.stream import StreamLoader, build_image_loader, dali_available
 
-__all__ = ["Batch", "DataError", "Split", "TensorLoader", "build_search_loaders", "search_splits"]
+__all__ = ["Batch", "DataError", "Split", "StreamLoader", "TensorLoader", "build_image_loader",
+           "build_search_loaders", "search_splits"]
 
 
 def search_splits(cfg: DataConfig, num_classes: int, seed: int, skipped: list | None = None
@@ -26,8 +28,42 @@ def search_splits(cfg: DataConfig, num_classes: int, seed: int, skipped: list | 
     raise DataError(f"data.dataset {cfg.dataset!r} is not available for search with the torch backend yet")
 
 
+def _streams(cfg: DataConfig) -> bool:
+    """Whether the search data streams from disk (DALI or torch DataLoader) instead of memory.
+
+    ImageNet always streams. CIFAR-10 streams through DALI when `backend` is `dali`, or `auto` with
+    DALI installed and `root` a folder of WebDataset shards; otherwise it stays in memory
+    (TensorLoader, split by shard: see sources.py).
+    """
+    if cfg.dataset == "imagenet":
+        return True
+    if cfg.dataset != "cifar10" or cfg.backend == "torch":
+        return False
+    if cfg.backend == "dali":
+        return True
+    from pathlib import Path
+    return dali_available() and cfg.root is not None and any(Path(cfg.root).glob("train-*.tar"))
+
+
+def stream_search_loaders(cfg: DataConfig, seed: int, rank: int, world: int, device: str,
+                          skipped: list | None = None) -> tuple[StreamLoader, StreamLoader]:
+    """The search split streamed from disk: the train split's halves "a" (w) and "b" (alpha), by key hash."""
+    from sdarts.data.loader import CIFAR_MEAN, CIFAR_STD
+    norm = dict(mean=CIFAR_MEAN, std=CIFAR_STD) if cfg.dataset == "cifar10" else {}
+    backend = "dali" if cfg.dataset == "cifar10" else cfg.backend
+    common = dict(root=cfg.root, split="train", pipeline="search" if cfg.augment else "eval",
+                  micro_batch=cfg.micro_batch, rank=rank, world=world, seed=seed, resolution=cfg.resolution,
+                  fraction=cfg.fraction, classes_file=cfg.classes_file, backend=backend,
+                  device="auto" if str(device).startswith("cuda") else "cpu", dtype=cfg.dtype,
+                  workers=cfg.workers, on_bad_sample=cfg.on_bad_sample, drop_last=True,
+                  max_samples=cfg.max_per_split, output_device=device, skipped=skipped, **norm)
+    return build_image_loader(subset="a", **common), build_image_loader(subset="b", **common)
+
+
 def build_search_loaders(cfg: DataConfig, num_classes: int, seed: int, rank: int, world: int, accum: int,
                          device: str, skipped: list | None = None) -> tuple[TensorLoader, TensorLoader]:
+    if _streams(cfg):
+        return stream_search_loaders(cfg, seed, rank, world, device, skipped)
     train, valid = search_splits(cfg, num_classes, seed, skipped)
     common = dict(micro_batch=cfg.micro_batch, rank=rank, world=world, accum=accum, seed=seed,
                   augment=cfg.augment, device=device)
