@@ -143,6 +143,7 @@ class SearchEngine:
         tag = latest.read_text().strip()
         if not (ckpt_dir / tag).is_dir():
             raise CheckpointError(f"{ckpt_dir / tag}: checkpoint named by {latest} is missing")
+        verify_safe(ckpt_dir / tag)
         try:
             _, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
         except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
@@ -154,6 +155,24 @@ class SearchEngine:
             raise CheckpointError(f"{ckpt_dir / tag}: checkpoint is from space {client.get('space')!r}, "
                                   f"config says {self.cfg.space!r}")
         return client
+
+
+def verify_safe(tag_dir: Path) -> None:
+    """Refuses checkpoint files that need arbitrary unpickling.
+
+    DeepSpeed's loader calls `torch.load(weights_only=False)`, which runs any code a crafted pickle
+    carries. Every file is first opened with `weights_only=True` (tensors, containers and plain types
+    only); what fails that is refused before DeepSpeed touches it.
+    """
+    files = sorted(tag_dir.glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{tag_dir}: no checkpoint files in it")
+    for f in files:
+        try:
+            torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure means we will not unpickle it unsafely
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{f}: refused, not a plain-tensor checkpoint ({first[:160]})") from None
 
 
 def write_ds_config(path: Path, cfg: dict) -> None:
