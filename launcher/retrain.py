@@ -1,0 +1,48 @@
+"""`deepspeed [--num_gpus N | --hostfile F] launcher/retrain.py --config C --genotype G [--set k=v ...] [--run-dir D] [--resume]`
+
+Argument parsing only: the library takes a typed config and a genotype, never an argparse namespace.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from launcher.common import fail_cleanly, setup_logging  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="retrain.py", description="Retrain a found cell from scratch")
+    p.add_argument("--config", required=True, help="YAML under configs/retrain/")
+    p.add_argument("--genotype", required=True,
+                   help="genotype JSON file (a search run's genotype.json) or a literature name, e.g. darts_v2")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, repeatable)")
+    p.add_argument("--run-dir", default=None, help="output directory (default runs/retrain-<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    p.add_argument("--force", action="store_true", help="discard an existing run directory")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    with fail_cleanly():
+        from retrain.config import load
+        from sdarts.genotype import load as load_genotype
+        cfg = load(args.config, args.overrides)
+        genotype = load_genotype(args.genotype)
+        setup_logging(all_ranks=cfg.log.all_ranks)
+        from retrain.train import run_retrain
+        run_dir = args.run_dir or os.path.join("runs", f"retrain-{Path(args.config).stem}")
+        result = run_retrain(cfg, genotype, run_dir, resume=args.resume, force=args.force)
+        if int(os.environ.get("RANK", "0")) == 0:
+            best = result.summary["best"]
+            state = "finished" if result.finished else f"stopped at step {result.summary['steps']} (max_steps)"
+            print(f"{state}: best top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']})")
+            print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
