@@ -172,3 +172,38 @@ def test_two_ranks_end_to_end(tmp_path):
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     net = NetworkCIFAR(8, 10, 3, True, DARTS_V2)
     net.load_state_dict(best["module"])
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_124_and_resumes(tmp_path):
+    import signal
+    import time
+    npz = need_data("cifar10-subset", "cifar10_subset.npz")
+    run = tmp_path / "pre"
+    args = ["launcher/retrain.py", "--config", "configs/retrain/cifar10.yaml", "--genotype", "darts_v2",
+            "--run-dir", str(run), "--set", f"data.root={npz}", "--set", "epochs=2", "--set", "model.layers=3",
+            "--set", "model.C=4", "--set", "data.max_per_split=320", "--set", "data.micro_batch=16",
+            "--set", "log.progress=false", "--set", "log.every_steps=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(k, None)
+    p = subprocess.Popen([PYTHON, *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 2:
+            p.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.05)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 124, err[-2000:]
+    assert (run / "checkpoints" / "latest").exists() and not (run / "summary.json").exists()
+    stopped = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
+    assert 2 <= stopped < 40
+    r = subprocess.run([PYTHON, *args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["steps"] == 40
+    steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"train"' in l]
+    assert steps == list(range(1, 41))  # every step logged exactly once across the preemption
