@@ -314,6 +314,13 @@ def test_export_of_a_trained_run_loads_with_the_same_outputs_on_real_images(tmp_
     feats = timm.create_model(f"local-dir:{out}", pretrained=True, features_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(feats(images)[-1], loaded.forward_features(images))
+    # timm's own hub writer round-trips the model (what push_to_hf_hub uploads)
+    pytest.importorskip("huggingface_hub")
+    from timm.models._hub import save_for_hf
+    save_for_hf(loaded, str(tmp_path / "hf"), safe_serialization=True)
+    again = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), loaded(images))
     # without pretrained=True timm builds the same architecture with fresh weights (its convention)
     fresh = timm.create_model(f"local-dir:{out}")
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in loaded.state_dict().items()}
