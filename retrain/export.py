@@ -37,7 +37,7 @@ from sdarts.genotype import DartsGenotype, Genotype, GenotypeError, NB201Genotyp
 from sdarts.genotype import load as load_genotype
 
 from retrain import timm as sdarts_timm
-from retrain.timm import CIFAR_MEAN, CIFAR_STD, WEIGHTS_FILE, resolve_genotype
+from retrain.timm import CIFAR_MEAN, CIFAR_STD, WEIGHTS_FILE
 
 __all__ = ["CONFIG_FILE", "Export", "ExportError", "from_genotype", "from_run_dir", "load", "model_spec", "write"]
 

@@ -391,7 +391,8 @@ def test_bad_inputs_are_one_line_and_leave_nothing(tmp_path):
         from_run_dir(run)
     # weights of another size: refused before anything is written
     other = build_network(LITERATURE["darts_v2"], "cifar10", 6, 3, 10, auxiliary=True)
-    torch.save({"module": other.state_dict(), "kind": "retrain"}, run / "checkpoints" / "s" / "mp_rank_00_model_states.pt")
+    torch.save({"module": other.state_dict(), "kind": "retrain"},
+               run / "checkpoints" / "s" / "mp_rank_00_model_states.pt")
     with pytest.raises(CheckpointError, match="do not fit"):
         write(from_run_dir(run), tmp_path / "out")
     assert not (tmp_path / "out").exists()
