@@ -233,7 +233,8 @@ def from_run_dir(run_dir: str | Path, checkpoint: str = "last", ema: bool = True
         raise CheckpointError(f"{path}: trained with another genotype than {gpath}")
     arch, model_args, pcfg = model_spec(genotype, cfg.data.dataset, cfg.model.C, cfg.model.layers,
                                         cfg.num_classes, cfg.data.resolution)
-    provenance = {"weights": weights, "run_dir": str(run.resolve()), "checkpoint": str(path.relative_to(run)),
+    # the run directory by name only: an export is meant to be shared, local paths are not
+    provenance = {"weights": weights, "run": run.resolve().name, "checkpoint": str(path.relative_to(run)),
                   "dataset": cfg.data.dataset, **info}
     return Export(arch, model_args, pcfg, clean_state_dict(state), provenance)
 
