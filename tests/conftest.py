@@ -29,7 +29,10 @@ def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, cwd: P
             ) -> subprocess.CompletedProcess:
     """Runs a command of this repo (e.g. ['launcher/search.py', ...]) with this interpreter."""
     e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None)
+    # a test that set up DeepSpeed in this process left its rendezvous in the environment; children
+    # must make their own or they collide on the port
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
     e.update(env or {})
     return subprocess.run([PYTHON, *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
 
