@@ -64,6 +64,8 @@ class Job:
         for key in _SHAPE_KEYS[self.kind]:
             if self.kind == "search" and key in skip[self.cfg.space]:
                 continue
+            if self.kind == "retrain" and key == "data.resolution" and self.cfg.data.dataset != "imagenet":
+                continue  # CIFAR retrains at 32x32 whatever data.resolution (ImageNet's crop) says
             v = self.get(key)
             out[key] = v if v is None or isinstance(v, (bool, int, float, str)) else str(v)
         if self.kind == "retrain" and out.get("model.num_classes") is None:
