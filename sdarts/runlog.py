@@ -12,7 +12,9 @@ from pathlib import Path
 
 
 def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # per-process temp name: with log.all_ranks every rank rewrites the shared metrics.jsonl on resume,
+    # and a shared temp name let one rank's rename pull the file from under the other's
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
