@@ -232,7 +232,7 @@ def test_resume_mid_epoch_yields_the_same_next_batch(sample, backend, with_dali_
     next(it), next(it)
     state = a.state_dict()
     if not with_dali_checkpoint:
-        state["dali_checkpoint"] = ""     # e.g. written by the torch fallback: replayed instead
+        state["per_rank"] = [""]          # e.g. written by the torch fallback: replayed instead
     buf = io.BytesIO()
     torch.save({"train_loader": state}, buf)   # as DeepSpeed's client_state would
     buf.seek(0)
@@ -261,7 +261,7 @@ def test_state_dict_is_plain_data(sample):
         if isinstance(v, list):
             return all(plain(x) for x in v)
         return isinstance(v, (int, float, str))
-    assert plain(state) and state["position"] == 1 and state["dali_checkpoint"]
+    assert plain(state) and state["position"] == 1 and state["per_rank"][0]
 
 
 # --------------------------------------------------------------------------- search-loop routing
@@ -281,3 +281,41 @@ def test_search_loaders_route_imagenet_and_cifar_webdataset(sample, tmp_path):
     assert np.bincount(w.listing.labels).tolist() == [32] * 10
     b = next(iter(alpha))
     assert b.x.shape == (32, 3, 32, 32) and b.y.max() < 10
+
+
+def _two_rank_worker(rank, port, root, out):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    make = lambda: build_image_loader(root, "val", "train", 8, rank=rank, world=2, seed=3,  # noqa: E731
+                                      resolution=64, backend="dali", workers=1)
+    a = make()
+    it = iter(a)
+    next(it), next(it)
+    state = a.state_dict()          # collective: both ranks at the same step
+    expected = next(it)
+    if rank == 0:
+        torch.save(state, f"{out}/client_state.pt")   # DeepSpeed keeps rank 0's client state only
+    dist.barrier()
+    b = make()
+    b.load_state_dict(torch.load(f"{out}/client_state.pt", weights_only=True))
+    got = next(iter(b))
+    torch.save({"same": torch.equal(got.x, expected.x) and torch.equal(got.ids, expected.ids),
+                "own_checkpoints": len(state["per_rank"]) == 2 and all(state["per_rank"])}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_resume_on_two_ranks_from_rank0_client_state(sample, tmp_path):
+    """Every rank resumes its own DALI stream exactly from the one client state that rank 0 saved."""
+    _dali()
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(sample), str(tmp_path)), nprocs=2)
+    for r in range(2):
+        res = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        assert res["same"] and res["own_checkpoints"], f"rank {r}: {res}"

@@ -148,17 +148,16 @@ class DaliLoader(StreamLoader):
         self._ckpt: tuple[int, int, bytes] | None = None   # (epoch, position, DALI checkpoint)
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
-        d = super().state_dict()
+    def _resume_token(self) -> str:
+        """This rank's DALI checkpoint after the last batch handed out, base64 (JSON/torch-safe)."""
         ck = self._ckpt
-        ok = ck is not None and ck[0] == self.epoch and ck[1] == self.position and self.position > 0
-        d["dali_checkpoint"] = base64.b64encode(ck[2]).decode("ascii") if ok else ""
-        return d
+        if ck is None or ck[0] != self.epoch or ck[1] != self.position or self.position == 0:
+            return ""
+        return base64.b64encode(ck[2]).decode("ascii")
 
-    def _on_load(self, state: dict, exact: bool) -> None:
+    def _on_load(self, token: str) -> None:
         self._close()
-        raw = state.get("dali_checkpoint") or ""
-        self._ckpt = (self.epoch, self.position, base64.b64decode(raw)) if raw and exact else None
+        self._ckpt = (self.epoch, self.position, base64.b64decode(token)) if token else None
 
     def _on_new_epoch(self) -> None:
         self._close()

@@ -134,9 +134,31 @@ class StreamLoader:
             self._on_new_epoch()
 
     def state_dict(self) -> dict:
-        return {"version": 1, "backend": self.backend, "epoch": self.epoch, "position": self.position,
-                "world": self.world, "rank": self.rank, "num_samples": len(self.listing),
-                "bad": sorted(self.listing.keys[i] for i in self.bad)}
+        """The loader's position, as plain data; with world > 1 a collective (see `_gather`).
+
+        DeepSpeed stores the client state of rank 0 only, and every rank loads that one copy; so the
+        per-rank parts (each rank's DALI checkpoint, the bad files each rank found) are gathered here
+        into `per_rank` and `bad`, and `load_state_dict` picks out this rank's part.
+        """
+        local = {"version": 1, "backend": self.backend, "epoch": self.epoch, "position": self.position,
+                 "world": self.world, "rank": self.rank, "num_samples": len(self.listing),
+                 "bad": sorted(self.listing.keys[i] for i in self.bad), "resume": self._resume_token()}
+        parts = self._gather(local)
+        state = {k: v for k, v in local.items() if k != "resume"}
+        state["bad"] = sorted({k for part in parts for k in part["bad"]})
+        state["per_rank"] = [part["resume"] for part in parts]
+        return state
+
+    def _gather(self, local: dict) -> list[dict]:
+        """Every rank's local state, in rank order. Every rank calls state_dict at the same step (a
+        checkpoint is written by all ranks), which is what makes this all-gather safe."""
+        import torch.distributed as dist
+        if self.world == 1 or not (dist.is_available() and dist.is_initialized()) \
+                or dist.get_world_size() != self.world:
+            return [local]
+        parts: list = [None] * self.world
+        dist.all_gather_object(parts, local)
+        return parts
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
@@ -149,7 +171,13 @@ class StreamLoader:
                         "epoch %d resumes at batch %d of a new sharding, not the exact next batch",
                         state.get("world"), state.get("num_samples"), self.world, len(self.listing),
                         self.epoch, self.position)
-        self._on_load(state, exact=same)
+        per_rank = state.get("per_rank") or []
+        # without this rank's own part (or after a change of world), the stream is replayed instead
+        self._on_load(per_rank[self.rank] if same and len(per_rank) == self.world else "")
+
+    def _resume_token(self) -> str:
+        """Backend state beyond (epoch, position) needed for an exact resume ('' = none)."""
+        return ""
 
     def __iter__(self) -> Iterator[Batch]:
         order = epoch_order(self.listing, self.seed, self.epoch, self.salt, self.shuffle)
@@ -220,7 +248,7 @@ class StreamLoader:
     def _on_new_epoch(self) -> None:
         pass
 
-    def _on_load(self, state: dict, exact: bool) -> None:
+    def _on_load(self, token: str) -> None:
         pass
 
 
