@@ -149,8 +149,8 @@ def start(cell: Cell, config: str, threads: int, device: str) -> None:
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)  # each search is a lone process with its own rendezvous port
-    if device == "cpu":
-        env["DS_ACCELERATOR"] = "cpu"
+    if device in ("cpu", "cuda"):
+        env["DS_ACCELERATOR"] = device  # never inherit a CPU setting into a GPU grid, or the reverse
     with open(cell.log, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()

@@ -89,6 +89,10 @@ def test_report_in_paper_form(tmp_path):
     _fake_run(tmp_path, "s1", "single_level", 1, [91.0, 80.0, 92.0, 93.0], ARCH_GOOD, True)
     _fake_run(tmp_path, "b0", "bilevel", 0, [92.0, 60.0, 10.0, 54.3], ARCH_SKIP, True)
     _fake_run(tmp_path, "b1", "bilevel", 1, [92.0, 91.0, 88.0], ARCH_GOOD, False)  # cut short at epoch 3
+    with open(tmp_path / "b0" / "analysis.jsonl", "w") as f:  # eq. 8 records of the bi-level run
+        for step, (same, prev) in enumerate([(0.1, None), (0.3, 0.2)], start=1):
+            f.write(json.dumps({"step": step, "kind": "grad_corr", "same_step": {"mean_cos": same},
+                                "prev_w": None if prev is None else {"mean_cos": prev}}) + "\n")
     runs = R.collect(tmp_path)
     assert len(runs) == 4
     groups = {g["strategy"]: g for g in R.summarize(runs)}
@@ -103,6 +107,9 @@ def test_report_in_paper_form(tmp_path):
     assert "| Single-DARTS | softmax | sgd | 0.025 | 2 | " in md
     assert "| DARTS (1st order) | softmax | sgd | 0.025 | 1 (+1 partial) | " in md
     assert "93.50+-0.50" in md and "| b1 (partial) | 92.0 | 91.0 | 88.0 |" in md
+    assert b["grad_corr"] == {"same_step": pytest.approx(0.2), "prev_w": pytest.approx(0.2)}
+    assert s["grad_corr"] is None
+    assert "| DARTS (1st order) | softmax | sgd | 0.025 | 0.200 | 0.200 |" in md
 
 
 def _tiny_grid_cmd(results: Path, table: Path, seeds: str = "0,1,2") -> list[str]:

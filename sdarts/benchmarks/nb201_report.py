@@ -42,6 +42,21 @@ def param_free_edges(arch: str) -> int:
     return sum(arch.count(f"|{op}~") for op in PARAM_FREE)
 
 
+def grad_corr_means(run_dir: Path) -> dict | None:
+    """Mean over the logged steps of the eq. 8 cosine (mean over edges and analysed cells), for the
+    same-step pair (alpha batch vs. w batch of one step) and `prev_w` (alpha batch of step t vs. w
+    batch of step t-1); None when the run logged no gradient correlation."""
+    recs = [r for r in _jsonl(Path(run_dir) / "analysis.jsonl") if r.get("kind") == "grad_corr"]
+    if not recs:
+        return None
+    out = {}
+    for which in ("same_step", "prev_w"):
+        vals = [r[which]["mean_cos"] for r in recs if r.get(which) and r[which]["mean_cos"] is not None]
+        out[which] = sum(vals) / len(vals) if vals else None
+    out["records"] = len(recs)
+    return out
+
+
 def load_run(run_dir: Path) -> dict | None:
     """One run's trajectory and final scores; None when it has not scored a single epoch yet."""
     run_dir = Path(run_dir)
@@ -76,6 +91,7 @@ def load_run(run_dir: Path) -> dict | None:
         "trajectory": [{"epoch": int(r["epoch"]), "arch": r["arch"], **{c: float(r[c]) for c in COLUMNS}}
                        for r in traj],
         "wall_time_s": summary.get("wall_time_s") if summary else None,
+        "grad_corr": grad_corr_means(run_dir),
     }
 
 
@@ -107,6 +123,10 @@ def summarize(runs: list[dict]) -> list[dict]:
         g["worst_second_half_min"] = min(worst) if worst else None
         g["param_free_edges_mean"] = sum(r["param_free_edges"] for r in rs) / len(rs)
         g["final_archs"] = [r["final_arch"] for r in rs]
+        gc = [r["grad_corr"] for r in rs if r.get("grad_corr")]
+        g["grad_corr"] = None if not gc else {
+            w: (sum(x[w] for x in gc if x[w] is not None) / max(1, sum(x[w] is not None for x in gc)))
+            for w in ("same_step", "prev_w")}
         out.append(g)
     return out
 
@@ -126,6 +146,16 @@ def markdown(groups: list[dict], runs: list[dict], title: str = "NB201 search st
             f"{g['worst_second_half_mean']:.2f} / {g['worst_second_half_min']:.2f}"
         lines.append(f"| {g['method']} | {g['activation']} | {g['alpha_optimizer']} | {g['lr']:g} | {runs_s} | "
                      f"{accs} | {worst} | {g['param_free_edges_mean']:.1f} |")
+    if any(g.get("grad_corr") for g in groups):
+        lines += ["", "### Gradient correlation (eq. 8), mean over logged steps, edges and analysed cells", "",
+                  "'same step': alpha-update batch vs. w-update batch of the same step (1 by construction for "
+                  "single-level); 'prev. w step': alpha batch of step t vs. w batch of step t-1.", "",
+                  "| method | act. | alpha opt | lr | same step | prev. w step |", "|---|---|---|---|---|---|"]
+        for g in groups:
+            if g.get("grad_corr"):
+                c = g["grad_corr"]
+                lines.append(f"| {g['method']} | {g['activation']} | {g['alpha_optimizer']} | {g['lr']:g} | "
+                             f"{c['same_step']:.3f} | {c['prev_w']:.3f} |")
     lines += ["", "### CIFAR-10 test accuracy of the derived cell at every epoch", ""]
     if runs:
         n = max(r["epochs"] for r in runs)
