@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-global-batch", action="store_true")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--margin", type=float, default=None)
-    p.add_argument("--run-dir", default=None, help="default runs/<config name>")
-    p.add_argument("--log-dir", default="runs/slurm", help="sbatch output and hostfiles (default runs/slurm)")
+    p.add_argument("--run-dir", default=None, help="default runs/<config name> (retrain: runs/retrain-<name>)")
+    p.add_argument("--log-dir", default="runs/slurm",
+                   help="sbatch output and hostfiles (default runs/slurm; created now, SLURM needs it at start)")
     p.add_argument("--time", default=None, help="time limit, e.g. 48:00:00")
     p.add_argument("--partition", default=None)
     p.add_argument("--account", default=None)
@@ -174,9 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         for note in plan["notes"]:
             print(f"note: {note}", file=sys.stderr)
         plan["script"] = job.script
-        run_dir = args.run_dir or f"runs/{Path(args.job).stem}"
+        # the scripts' own defaults (runs/<stem>, runs/retrain-<stem>); paths absolute, since the job runs
+        # from the repository root and SLURM opens --output before the script runs (its folder must exist)
+        stem = Path(args.job).stem
+        run_dir = str(Path(args.run_dir or f"runs/{'retrain-' if job.kind == 'retrain' else ''}{stem}").resolve())
+        log_dir = Path(args.log_dir).resolve()
+        log_dir.mkdir(parents=True, exist_ok=True)
         sys.stdout.write(render(plan, nodes=args.nodes, gpus_per_node=args.gpus_per_node, mode=args.mode,
-                                run_dir=run_dir, log_dir=args.log_dir, time=args.time, partition=args.partition,
+                                run_dir=run_dir, log_dir=str(log_dir), time=args.time, partition=args.partition,
                                 account=args.account, job_name=args.job_name, cpus_per_gpu=args.cpus_per_gpu,
                                 master_port=args.master_port, env_setup=args.env_setup, extra=args.extra,
                                 user_sets=args.overrides))

@@ -154,3 +154,17 @@ def test_the_script_runs_as_a_program(tmp_path):
                  "v100-32gb"], timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("#!/bin/bash") and "#SBATCH --gpus-per-node=4" in r.stdout
+
+
+def test_relative_paths_become_absolute_and_the_log_folder_exists(tmp_path, monkeypatch):
+    """The job runs from the repository root, and SLURM opens --output before the script runs."""
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        slurm.main(["--job", str(ROOT / "configs/retrain/imagenet.yaml"), "--nodes", "1", "--gpus-per-node", "8",
+                    "--gpu", "2080ti", "--log-dir", "logs", "--", "--genotype", "darts_v2"])
+    text = out.getvalue()
+    assert (tmp_path / "logs").is_dir()
+    assert f"#SBATCH --output={tmp_path}/logs/%x-%j.out" in text
+    assert f"RUN_DIR={tmp_path}/runs/retrain-imagenet" in text  # retrain.py's own default name
+    assert "launcher/retrain.py" in text and "--genotype darts_v2" in text
