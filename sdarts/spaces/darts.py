@@ -5,6 +5,21 @@ downsamples 8x with three stride-2 3x3 convs (3 -> 3C/2 -> 3C, then 3C -> 3C); `
 reductions at 1/3 and 2/3 of the depth; each cell preprocesses its two inputs to C channels (a
 FactorizedReduce when the previous cell reduced), sums MixedOps into 4 nodes and concatenates them.
 Pools are followed by an affine-free BN, as in DARTS, so their scale is comparable to the convs'.
+
+Two implementations of the cell compute the same function:
+- `SearchCell` (`impl: classic`): one `MixedOp` per edge, every op its own module, the weighted sum of
+  their outputs (the reference repos' form; the baseline and the equivalence test's ground truth);
+- `FusedSearchCell` (`impl: fused`, default): what only depends on the source node is computed once
+  per node for all its outgoing edges (up to 4): the ReLU in front of every conv op and of the strided
+  skip (FactorizedReduce), and max/avg pooling with their affine-free BN (same input, same batch
+  statistics, same output on every edge). Each op's last BN takes the edge weight as its affine scale
+  (`fused.weighted_bn`), so weighted outputs are never stored; `none` is never computed. The
+  per-edge conv modules are the same as in `MixedOp`, at the same positions (`edges[e].ops[k]`).
+  Grouping the depthwise convs of all edges of a node into one grouped conv was not adopted: its
+  output is channel-major ([c, edge]) while the per-edge pointwise convs need edge-major input, and
+  the transposing copy costs what the grouping saves (docs/performance.md).
+
+Options: `channels_last` (NHWC activations) and `checkpoint_cells` (recompute each cell in backward).
 """
 from __future__ import annotations
 
@@ -14,6 +29,7 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import DARTS_STEPS, DartsGenotype, darts_edges, derive_darts
+from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, weighted_bn
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, darts_op
 
 EDGES = darts_edges()
@@ -59,6 +75,120 @@ class SearchCell(nn.Module):
         return torch.cat(states[2:], dim=1)
 
 
+CONV_OPS = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+
+
+class FusedEdge(nn.Module):
+    """The per-edge (parametric) ops of one edge, at their `op_names` positions.
+
+    Parameter-free ops (none, pools, the identity skip) are computed per source node by
+    `FusedSearchCell`; their positions hold an `nn.Identity` placeholder so that `ops[k]` indexes
+    the same op as in `MixedOp` (analysis code reads an op's weights as `edges[e].ops[k]`).
+    """
+
+    def __init__(self, C: int, stride: int, op_names: tuple[str, ...]):
+        super().__init__()
+        self.ops = nn.ModuleList(
+            darts_op(n, C, stride, affine=False) if n in CONV_OPS or (n == "skip_connect" and stride > 1)
+            else nn.Identity() for n in op_names)
+
+
+class FusedSearchCell(nn.Module):
+    """The DARTS search cell with per-source-node shared work (same function as `SearchCell`)."""
+
+    def __init__(self, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool,
+                 op_names: tuple[str, ...] = DARTS_OPS):
+        super().__init__()
+        unknown = [n for n in op_names if n not in DARTS_OPS]
+        if unknown:
+            raise ValueError(f"unknown DARTS op {unknown[0]!r}; expected one of {', '.join(DARTS_OPS)}")
+        self.reduction = reduction
+        self.C = C
+        self.op_names = tuple(op_names)
+        self.preprocess0 = FactorizedReduce(C_pp, C, affine=False) if reduction_prev else \
+            ReLUConvBN(C_pp, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList(FusedEdge(C, 2 if reduction and j < 2 else 1, op_names) for _, j in EDGES)
+        sources = range(DARTS_STEPS + 1)  # node 5 (the last) feeds no edge
+        self.out_edges = [[e for e, (_, j) in enumerate(EDGES) if j == src] for src in sources]
+        # one affine-free BN per pool kind per source node, shared by its outgoing edges
+        self.pool_bn = nn.ModuleList(
+            nn.ModuleDict({n: nn.BatchNorm2d(C, affine=False) for n in op_names if "pool" in n}) for _ in sources)
+        self.k = {n: k for k, n in enumerate(op_names)}
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        k, C = self.k, self.C
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
+        for j, out_edges in enumerate(self.out_edges):
+            if j >= 2:
+                states.append(acc[j])  # complete: every source before j was processed
+            x = states[j]
+            stride = 2 if self.reduction and j < 2 else 1
+            r = F.relu(x)
+            pooled = {}
+            if "max_pool_3x3" in k:
+                pooled["max_pool_3x3"] = self.pool_bn[j]["max_pool_3x3"](F.max_pool2d(x, 3, stride, 1))
+            if "avg_pool_3x3" in k:
+                pooled["avg_pool_3x3"] = self.pool_bn[j]["avg_pool_3x3"](avg_pool_3x3(x, stride))
+            shifted = None
+            if stride > 1 and "skip_connect" in k:
+                # FactorizedReduce's offset path conv_2(pad(r[1:, 1:])) with a stride-2 1x1 conv reads
+                # r[2a+1, 2b+1], zero past the edge: the same as a 1x1 conv of this quarter-size view
+                shifted = r[:, :, 1::2, 1::2]
+            for e in out_edges:
+                w = weights[e]
+                ops = self.edges[e].ops
+                terms = [w[k[n]] * p for n, p in pooled.items()]
+                for name in self.op_names:
+                    if name in CONV_OPS:
+                        op = ops[k[name]]
+                        last = op[1] if name.startswith("sep") else op  # the DilConv ending in the BN
+                        h = r
+                        if name.startswith("sep"):
+                            first = op[0]
+                            h = F.relu(first[3](first[2](first[1](h))))
+                        h = last[2](last[1](h))
+                        terms.append(weighted_bn(h, last[3], w[k[name]].expand(C).contiguous()))
+                    elif name == "skip_connect":
+                        if stride == 1:
+                            terms.append(w[k[name]] * x)
+                        else:
+                            terms.append(self._factorized_reduce(ops[k[name]], r, shifted, w[k[name]]))
+                out = terms[0]
+                for t in terms[1:]:
+                    out = out + t
+                i = EDGES[e][0]
+                acc[i] = out if acc[i] is None else acc[i] + out
+        states.append(acc[-1])
+        return torch.cat(states[2:], dim=1)
+
+    def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor,
+                           w: torch.Tensor) -> torch.Tensor:
+        a = fr.conv_1(r)
+        b = F.conv2d(shifted, fr.conv_2.weight)
+        if b.shape[-2:] != a.shape[-2:]:  # odd input size: the offset path lacks the last row/column
+            b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
+        return weighted_bn(torch.cat([a, b], dim=1), fr.bn, w.expand(self.C).contiguous())
+
+    @torch.no_grad()
+    def load_from_classic(self, classic: "SearchCell") -> None:
+        """Copies a `SearchCell`'s weights and BN statistics into this layout (for equivalence checks).
+
+        Pool BNs: the classic cell has one per edge; all edges leaving node j normalise the same
+        tensor, so their statistics agree after the same steps; the first outgoing edge's are taken.
+        """
+        self.preprocess0.load_state_dict(classic.preprocess0.state_dict())
+        self.preprocess1.load_state_dict(classic.preprocess1.state_dict())
+        for e, edge in enumerate(self.edges):
+            for op, c_op in zip(edge.ops, classic.edges[e].ops):
+                if not isinstance(op, nn.Identity):
+                    op.load_state_dict(c_op.state_dict())
+        for j, out_edges in enumerate(self.out_edges):
+            for name, bn in self.pool_bn[j].items():
+                bn.load_state_dict(classic.edges[out_edges[0]].ops[self.k[name]][1].state_dict())
+
+
 def imagenet_stem(C_stem: int) -> tuple[nn.Module, nn.Module]:
     """PC-DARTS ImageNet stem: 8x downsampling by three stride-2 3x3 convs (3 -> C/2 -> C -> C)."""
     stem0 = nn.Sequential(
@@ -75,8 +205,13 @@ class DartsSupernet(nn.Module):
 
     def __init__(self, C: int = 16, layers: int = 8, num_classes: int = 10, stem: str = "cifar",
                  activation: str = "softmax", init: float = 0.0, init_std: float = 0.0,
-                 stem_multiplier: int = 3, generator: torch.Generator | None = None, impl: str = "classic"):
+                 stem_multiplier: int = 3, generator: torch.Generator | None = None, impl: str = "fused",
+                 channels_last: bool = False, checkpoint_cells: bool = False):
         super().__init__()
+        if impl not in ("fused", "classic"):
+            raise ValueError(f"model.impl must be fused or classic, got {impl!r}")
+        cell_cls = FusedSearchCell if impl == "fused" else SearchCell
+        self.impl = impl
         C_curr = stem_multiplier * C
         self.stem_kind = stem
         if stem == "cifar":
@@ -92,7 +227,7 @@ class DartsSupernet(nn.Module):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
                 C_curr *= 2
-            self.cells.append(SearchCell(C_pp, C_p, C_curr, reduction, reduction_prev))
+            self.cells.append(cell_cls(C_pp, C_p, C_curr, reduction, reduction_prev))
             reduction_prev = reduction
             C_pp, C_p = C_p, DARTS_STEPS * C_curr
         self.classifier = nn.Linear(C_p, num_classes)
@@ -100,13 +235,24 @@ class DartsSupernet(nn.Module):
         self.arch = ArchParams({"normal": n, "reduce": n}, activation, init, init_std, generator)
         self.op_names = DARTS_OPS
         self.edge_names = EDGE_NAMES
+        self.channels_last = channels_last
+        self.checkpoint_cells = checkpoint_cells
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def set_checkpointing(self, on: bool) -> None:
+        self.checkpoint_cells = on
 
     def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         w = weights or self.arch.weights()
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ckpt = self.checkpoint_cells and self.training and torch.is_grad_enabled()
         s0 = self.stem0(x)
         s1 = s0 if self.stem1 is None else self.stem1(s0)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, w["reduce" if cell.reduction else "normal"])
+            cw = w["reduce" if cell.reduction else "normal"]
+            s0, s1 = s1, (checkpoint_cell(cell, cell, s0, s1, cw) if ckpt else cell(s0, s1, cw))
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(s1, 1), 1))
 
     def search_cells(self) -> list[nn.Module]:

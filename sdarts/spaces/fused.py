@@ -1,0 +1,91 @@
+"""Building blocks of the fused supernet cells (`impl: fused`), shared by the NB201 and DARTS spaces.
+
+Each is the same function as the op-by-op form, computed with fewer passes over memory and fewer
+tensors kept for backward (measured in docs/performance.md):
+- `weighted_bn`: `w * BN(x)` for an affine-free BN is one `batch_norm` call whose affine weight is `w`
+  (BN without affine is `(x - mean) * invstd`, so scaling it by w is exactly BN with gamma = w). The
+  weighted output is never stored: BN's backward needs only its input, and it already returns the
+  gradient of its weight (which is dL/dw, summed per edge).
+- `avg_pool_3x3`: on CPU, `avg_pool2d(count_include_pad=False)` in NCHW is slow (about 4x a
+  depthwise conv of the same size, measured); a depthwise 3x3 conv with a ones kernel times a
+  constant 1/count map computes the same average.
+- `recompute_without_stat_updates` + `checkpoint_cell`: activation checkpointing per cell that
+  updates BN running statistics once per step, as without checkpointing (the recomputation in
+  backward would otherwise apply the momentum a second time).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+_INV_COUNT: dict[tuple, torch.Tensor] = {}
+
+
+def weighted_bn(x: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor) -> torch.Tensor:
+    """`scale * bn(x)` for an affine-free `bn`; `scale` is per channel ([C]) and differentiable.
+
+    Mirrors `nn.BatchNorm2d.forward` (running statistics, momentum, `num_batches_tracked`), so the
+    module's buffers evolve exactly as when the module itself is called.
+    """
+    if bn.affine:
+        raise ValueError("weighted_bn folds the edge weight into an affine-free BN only")
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            factor = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or bn.running_mean is None
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
+                        scale, None, use_batch_stats, factor, bn.eps)
+
+
+def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """1 / (number of non-padding pixels under each 3x3 window), shape [1, 1, H', W']."""
+    key = (h, w, stride, str(device), dtype)
+    t = _INV_COUNT.get(key)
+    if t is None:
+        ones = torch.ones(1, 1, h, w, dtype=torch.float64)
+        counts = F.avg_pool2d(ones, 3, stride, 1, count_include_pad=True, divisor_override=1)
+        t = _INV_COUNT[key] = (1.0 / counts).to(device=device, dtype=dtype)
+    return t
+
+
+def avg_pool_3x3(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """3x3 average pooling, padding 1, count_include_pad=False (NB201's and DARTS' avg_pool_3x3)."""
+    if x.device.type != "cpu":
+        return F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+    C = x.shape[1]
+    kernel = torch.ones(C, 1, 3, 3, dtype=x.dtype, device=x.device)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        kernel = kernel.contiguous(memory_format=torch.channels_last)
+    s = F.conv2d(x, kernel, stride=stride, padding=1, groups=C)
+    return s * _inv_count(x.shape[2], x.shape[3], stride, x.device, s.dtype)
+
+
+@contextlib.contextmanager
+def recompute_without_stat_updates(module: nn.Module):
+    """During a checkpoint's recomputation: BN uses batch statistics but leaves its buffers alone."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+             for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (mom, nbt) in zip(bns, saved):
+            m.momentum = mom
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+def checkpoint_cell(cell: nn.Module, fn: Callable[..., torch.Tensor], *args) -> torch.Tensor:
+    """`fn(*args)` with only its inputs kept for backward; the cell's BN stats update once per step."""
+    return checkpoint(fn, *args, use_reentrant=False,
+                      context_fn=lambda: (contextlib.nullcontext(), recompute_without_stat_updates(cell)))

@@ -1,0 +1,218 @@
+"""The fused supernets (the default) compute the same function as the classic op-by-op formulation.
+
+Train mode (batch-statistic BN), weights mapped across layouts with `load_from_classic`: logits, the
+loss gradient of every weight and of alpha, the gradient of the activated weights passed in through
+`forward(x, weights=...)` (what dL/dp analysis reads), and the BN running statistics after the step
+must agree. Float64 makes the comparison tight; one fp32 channels_last case checks the layout the
+product runs by default. Small sizes: seconds on one core.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sdarts.spaces.darts import DartsSupernet, FusedSearchCell, SearchCell
+from sdarts.spaces.nb201 import ClassicCell, FusedCell, NB201Supernet
+from sdarts.spaces.ops import DARTS_OPS, NB201_OPS
+
+
+def _nb201(impl, **kw):
+    return NB201Supernet(C=4, N=1, num_classes=10, init_std=0.5, impl=impl,
+                         generator=torch.Generator().manual_seed(3), **kw)
+
+
+def _darts(impl, stem, **kw):
+    return DartsSupernet(C=4, layers=5, num_classes=10, stem=stem, init_std=0.5,
+                         generator=torch.Generator().manual_seed(3), impl=impl, **kw)
+
+
+def _make(space, impl, **kw):
+    torch.manual_seed(0)
+    if space == "nb201":
+        return _nb201(impl, **kw)
+    return _darts(impl, "cifar" if space == "darts_cifar" else "imagenet", **kw)
+
+
+def _pair(space, dtype=torch.float64, **fused_kw):
+    classic = _make(space, "classic").to(dtype)
+    fused = _make(space, "fused", **fused_kw).to(dtype)
+    load_classic_into(fused, classic)
+    return classic, fused
+
+
+def load_classic_into(fused: nn.Module, classic: nn.Module) -> None:
+    """Everything outside the search cells by name; the cells through their `load_from_classic`."""
+    cell_prefixes = tuple(f"cells.{i}." for i, c in enumerate(classic.cells) if isinstance(c, (ClassicCell, SearchCell)))
+    state = {k: v for k, v in classic.state_dict().items() if not k.startswith(cell_prefixes)}
+    missing, unexpected = fused.load_state_dict(state, strict=False)
+    assert not unexpected
+    assert all(k.startswith(cell_prefixes) for k in missing)
+    for c, f in zip(classic.search_cells(), fused.search_cells()):
+        f.load_from_classic(c)
+
+
+def _inputs(space, B=6, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    size = 32 if space == "darts_imagenet" else 8
+    return torch.randn(B, 3, size, size, generator=g).to(dtype), torch.randint(0, 10, (B,), generator=g)
+
+
+def _op_weight_pairs(classic, fused):
+    """(classic parameter, fused parameter, output-channel slice of the fused one) for every cell op."""
+    pairs = []
+    for c, f in zip(classic.search_cells(), fused.search_cells()):
+        if isinstance(f, FusedCell):
+            for j in range(3):
+                for k, i in enumerate(range(j + 1, 4)):
+                    sl = slice(k * f.C, (k + 1) * f.C)
+                    ops = c.edges[f"{i}_{j}"].ops
+                    pairs.append((ops[NB201_OPS.index("nor_conv_3x3")][1].weight, f.conv3[j].weight, sl))
+                    pairs.append((ops[NB201_OPS.index("nor_conv_1x1")][1].weight, f.conv1[j].weight, sl))
+        else:
+            for name in ("preprocess0", "preprocess1"):
+                for pc, pf in zip(getattr(c, name).parameters(), getattr(f, name).parameters()):
+                    pairs.append((pc, pf, slice(None)))
+            for ce, fe in zip(c.edges, f.edges):
+                for co, fo in zip(ce.ops, fe.ops):
+                    for pc, pf in zip(co.parameters(), fo.parameters()):
+                        pairs.append((pc, pf, slice(None)))
+    return pairs
+
+
+def _bn_stat_pairs(classic, fused):
+    pairs = []
+    for c, f in zip(classic.search_cells(), fused.search_cells()):
+        if isinstance(f, FusedCell):
+            for j in range(3):
+                for k, i in enumerate(range(j + 1, 4)):
+                    sl = slice(k * f.C, (k + 1) * f.C)
+                    ops = c.edges[f"{i}_{j}"].ops
+                    for bn, name in ((f.bn3[j], "nor_conv_3x3"), (f.bn1[j], "nor_conv_1x1")):
+                        cb = ops[NB201_OPS.index(name)][2]
+                        pairs += [(cb.running_mean, bn.running_mean[sl]), (cb.running_var, bn.running_var[sl])]
+        else:
+            for j, out_edges in enumerate(f.out_edges):
+                for name, bn in f.pool_bn[j].items():
+                    for e in out_edges:  # every classic copy equals the one shared BN
+                        cb = c.edges[e].ops[DARTS_OPS.index(name)][1]
+                        pairs += [(cb.running_mean, bn.running_mean), (cb.running_var, bn.running_var)]
+            for ce, fe in zip(c.edges, f.edges):
+                for co, fo in zip(ce.ops, fe.ops):
+                    for (n1, b1), (n2, b2) in zip(co.named_buffers(), fo.named_buffers()):
+                        assert n1 == n2
+                        pairs.append((b1, b2))
+    return pairs
+
+
+def _step(model, x, y, weights=None):
+    model.train()
+    model.zero_grad(set_to_none=True)
+    logits = model(x, weights)
+    F.cross_entropy(logits, y).backward()
+    return logits.detach()
+
+
+def _close(a, b, rtol, atol):
+    """Elementwise closeness; with rtol=None (fp32) the error relative to the tensor's norm instead,
+    since fp32 sums in a different order drift by ~1e-6 of the gradient's scale, not of each element
+    (tensors near zero, like the running mean of a normalised input, are compared at scale 1e-3)."""
+    if rtol is None:
+        err = (a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-3 * b.numel() ** 0.5)
+        assert err < atol, f"relative error {err:.2e} >= {atol}"
+    else:
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _assert_same(classic, fused, x, y, rtol, atol):
+    lc = _step(classic, x, y)
+    lf = _step(fused, x, y)
+    _close(lf, lc, rtol, atol)
+    for (pc, pf) in zip(classic.get_alphas(), fused.get_alphas()):
+        assert pc.grad is not None and pc.grad.abs().sum() > 0
+        _close(pf.grad, pc.grad, rtol, atol)
+    pairs = _op_weight_pairs(classic, fused)
+    assert pairs
+    for pc, pf, sl in pairs:
+        _close(pf.grad[sl], pc.grad, rtol, atol)
+    # outside the cells (stem, reduction blocks, classifier): same names, same gradients
+    fused_params = dict(fused.named_parameters())
+    for name, pc in classic.named_parameters():
+        if not name.startswith("cells.") or name.split(".")[2] not in ("edges", "preprocess0", "preprocess1"):
+            if name in fused_params and pc.grad is not None:
+                _close(fused_params[name].grad, pc.grad, rtol, atol)
+    for bc, bf in _bn_stat_pairs(classic, fused):
+        _close(bf, bc, rtol, atol)
+
+
+SPACES = ["nb201", "darts_cifar", "darts_imagenet"]
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_fused_equals_classic_float64(space):
+    classic, fused = _pair(space)
+    x, y = _inputs(space)
+    _assert_same(classic, fused, x, y, rtol=1e-9, atol=1e-10)
+    # a second step sees the running statistics and alpha of the first (no optimizer: same weights)
+    x, y = _inputs(space, seed=2)
+    _assert_same(classic, fused, x, y, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_activated_weights_gradient(space):
+    """dL/dp through `forward(x, weights=...)` (what the dL/dp analysis reads) is the same in both."""
+    classic, fused = _pair(space)
+    x, y = _inputs(space)
+    grads = []
+    for model in (classic, fused):
+        p = {k: v.detach().clone().requires_grad_(True) for k, v in model.arch.weights().items()}
+        _step(model, x, y, p)
+        grads.append({k: v.grad for k, v in p.items()})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("space", SPACES)
+def test_channels_last_fp32(space):
+    """The product's default layout (NHWC, fp32) agrees with classic NCHW to float tolerance."""
+    classic, fused = _pair(space, dtype=torch.float32, channels_last=True)
+    x, y = _inputs(space, dtype=torch.float32)
+    _assert_same(classic, fused, x, y, rtol=None, atol=1e-4)
+
+
+@pytest.mark.parametrize("space", ["nb201", "darts_cifar"])
+def test_checkpointed_cells_same_gradients_and_stats(space):
+    """Checkpointing recomputes each cell in backward: same gradients, BN statistics updated once."""
+    classic, fused = _pair(space, checkpoint_cells=True)
+    x, y = _inputs(space)
+    _assert_same(classic, fused, x, y, rtol=1e-9, atol=1e-10)
+    nbt = [m.num_batches_tracked.item() for m in fused.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert set(nbt) == {1}
+
+
+def test_eval_mode_uses_running_stats():
+    classic, fused = _pair("darts_cifar")
+    x, y = _inputs("darts_cifar")
+    _step(classic, x, y), _step(fused, x, y)
+    classic.eval(), fused.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), classic(x), rtol=1e-9, atol=1e-10)
+
+
+def test_fused_darts_cell_keeps_op_positions():
+    """Analysis code reads an op's weights as `edges[e].ops[k]`: parametric ops sit where MixedOp has them."""
+    cell = FusedSearchCell(8, 8, 4, reduction=True, reduction_prev=False)
+    sep = DARTS_OPS.index("sep_conv_3x3")
+    skip = DARTS_OPS.index("skip_connect")
+    assert sum(p.numel() for p in cell.edges[0].ops[sep].parameters()) > 0
+    assert sum(p.numel() for p in cell.edges[0].ops[skip].parameters()) > 0  # strided: FactorizedReduce
+    assert sum(p.numel() for p in cell.edges[-1].ops[skip].parameters()) == 0  # stride 1: identity
+    assert sum(p.numel() for p in cell.edges[0].ops[DARTS_OPS.index("max_pool_3x3")].parameters()) == 0
+
+
+def test_unknown_impl_is_named():
+    with pytest.raises(ValueError, match="turbo"):
+        NB201Supernet(C=4, N=1, impl="turbo")
+    with pytest.raises(ValueError, match="turbo"):
+        DartsSupernet(C=4, layers=5, impl="turbo")
