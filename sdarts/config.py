@@ -75,6 +75,11 @@ class ModelConfig(_Strict):
     num_classes: int = Field(default=10, gt=1)
     #: supernet implementation: 'fused' (default, fast) or 'classic' (op-by-op reference)
     impl: Literal["fused", "classic"] = "fused"
+    #: NHWC activations and conv weights; unset = on for impl 'fused', off for 'classic' (NHWC made
+    #: the fused supernets ~1.5x faster on CPU, the classic one slower; docs/performance.md)
+    channels_last: Optional[bool] = None
+    #: recompute each search cell in backward, keeping only its inputs (less memory, ~1 extra forward)
+    checkpoint_cells: bool = False
 
 
 class DataConfig(_Strict):
