@@ -203,7 +203,8 @@ def test_cifar_webdataset_through_both_backends():
     got = {}
     for backend in BACKENDS:
         loader = build_image_loader(str(root), "test", "eval", micro_batch=64, resolution=32, backend=backend,
-                                    fraction=0.05, mean=CIFAR_MEAN, std=CIFAR_STD, workers=0 if backend == "torch" else 2)
+                                    fraction=0.05, mean=CIFAR_MEAN, std=CIFAR_STD,
+                                    workers=0 if backend == "torch" else 2)
         assert len(loader) == 8   # 500 images: 7 full batches and one of 52 + 12 padding
         got[backend] = list(loader)
     whole = list_split(root, "test")

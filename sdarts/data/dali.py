@@ -174,7 +174,7 @@ class DaliLoader(StreamLoader):
         shard = dict(shard_id=self.rank, num_shards=self.world, stick_to_shard=True, pad_last_batch=True,
                      random_shuffle=False, name="reader")
         if L.kind == "folder":
-            files = [L.paths[p] if p not in self.bad else _placeholder_jpeg(self._tmp) for p in order.tolist()]
+            files = [L.path(p) if p not in self.bad else _placeholder_jpeg(self._tmp) for p in order.tolist()]
             jpegs, _ = fn.readers.file(files=files, **shard)
             return jpegs
         paths, index_paths = [], []
@@ -187,7 +187,7 @@ class DaliLoader(StreamLoader):
                 f.write(f"v1.2 {len(run)}\n")
                 for p in run.tolist():
                     img = L.image_member(p if p not in self.bad or not good else good[0])
-                    cls = next(m for m in L.members[p] if m[0] == "cls")
+                    cls = L.cls_member(p)
                     f.write(" ".join(f"{e} {o} {s} {nm}" for e, o, s, nm in (img, cls)) + "\n")
             paths.append(L.tars[t])
             index_paths.append(idx)
@@ -240,7 +240,7 @@ class DaliLoader(StreamLoader):
                 failures = failures + 1 if at == (self.epoch, k) else 1
                 at = (self.epoch, k)
                 if failures > self.micro_batch:
-                    raise DataError(f"{self.listing.paths[mine[k * self.micro_batch]]}: DALI keeps failing on "
+                    raise DataError(f"{self.listing.path(mine[k * self.micro_batch])}: DALI keeps failing on "
                                     f"the batch starting at this file: {_dali_reason(e)}") from None
                 self._find_bad(e, mine, k)   # raises (error mode) or marks the culprits (skip mode)
                 continue
@@ -266,7 +266,7 @@ class DaliLoader(StreamLoader):
                 continue
             src = out[j].source_info()
             if L.kind == "folder":
-                want = L.paths[p]
+                want = L.path(p)
             else:
                 _, off, _, name = L.image_member(p)
                 want = f"{L.tars[L.tar_of[p]]}:{off}:{name}"
@@ -281,9 +281,9 @@ class DaliLoader(StreamLoader):
         msg = str(err)
         # DALI names some culprits (an unreadable file) but not others (nvImageCodec errors): check all
         culprits = [p for p in candidates if not decodes(self._safe_read(p))]
-        culprits.sort(key=lambda p: os.path.basename(self.listing.paths[p].rsplit(":", 1)[-1]) not in msg)
+        culprits.sort(key=lambda p: os.path.basename(self.listing.path(p).rsplit(":", 1)[-1]) not in msg)
         if not culprits:
-            first = self.listing.paths[pos[0]] if real else self.listing.root
+            first = self.listing.path(pos[0]) if real else self.listing.root
             raise DataError(f"{first}: DALI failed on the batch starting at this file ({reason})") from None
         for p in culprits:
             self.mark_bad(p, f"corrupt or unreadable image ({reason})")

@@ -8,8 +8,8 @@ same samples with the same labels and ids, in the same order (see `stream.epoch_
   1000-class order and not by its own folder order.
 - WebDataset: `root/<split>-*.tar`, samples grouped by key (the name up to the first dot of the
   member's base name) with an image member (`jpg`, `jpeg` or `png`) and a `cls` member of ASCII digits.
-  The shards are scanned once with the standard library (member offsets and labels); the DALI backend
-  reads the selected samples through index files written from this scan.
+  The shards are scanned once with the standard library (`wds.py`: member offsets and labels); the
+  DALI backend reads the selected samples through index files written from this scan.
 
 Subsets are chosen from a hash of each sample's key (its path relative to the split, or its
 WebDataset key), never from list position or Python's salted `hash`, so they are identical on every
@@ -28,35 +28,41 @@ import functools
 import hashlib
 import logging
 import os
-import tarfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from sdarts.data.sources import DataError
+from sdarts.data.wds import WDS_IMAGE_EXTS, parse_label, scan_tar
 
 log = logging.getLogger("sdarts.data")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-WDS_IMAGE_EXTS = ("jpg", "jpeg", "png")
 
 
 @dataclass
 class Listing:
-    """The samples of one split. Arrays are aligned: sample i is (keys[i], labels[i], ids[i], paths[i])."""
+    """The samples of one split, aligned arrays: sample i is (keys[i], labels[i], ids[i]).
+
+    Kept compact (ImageNet has 1.28M samples and every rank holds a listing per loader): file paths
+    and tar member names are derived from the keys instead of being stored.
+    """
     root: str
     split: str
     kind: str                 # "folder" | "wds"
-    keys: list[str]           # hash input for subsets; stable across machines
-    paths: list[str]          # folder: absolute file path; wds: "<tar>:<member>" (for messages)
+    keys: list[str]           # folder: "<class>/<file>"; wds: the sample key (hash input for subsets)
     labels: np.ndarray        # int64
     ids: np.ndarray           # int64, from the key
     num_classes: int
-    # WebDataset only: which tar each sample lives in, and its members as (ext, offset, size, name)
+    # WebDataset only: the sample's tar, its image member (offset, size, extension index into
+    # WDS_IMAGE_EXTS) and its label member (offset, size); keys qualified by the tar name when
+    # the shards reuse keys (`qualified`)
     tars: list[str] = field(default_factory=list)
     tar_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    members: list[list[tuple[str, int, int, str]]] = field(default_factory=list)
+    img: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), np.int64))
+    cls: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    qualified: bool = False
     skipped: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -64,19 +70,35 @@ class Listing:
 
     def take(self, idx: np.ndarray) -> "Listing":
         idx = np.asarray(idx, dtype=np.int64)
-        return replace(self, keys=[self.keys[i] for i in idx], paths=[self.paths[i] for i in idx],
-                       labels=self.labels[idx], ids=self.ids[idx],
-                       tar_of=self.tar_of[idx] if self.kind == "wds" else self.tar_of,
-                       members=[self.members[i] for i in idx] if self.kind == "wds" else self.members)
+        wds = self.kind == "wds"
+        return replace(self, keys=[self.keys[i] for i in idx], labels=self.labels[idx], ids=self.ids[idx],
+                       tar_of=self.tar_of[idx] if wds else self.tar_of, img=self.img[idx] if wds else self.img,
+                       cls=self.cls[idx] if wds else self.cls)
+
+    def _member_key(self, i: int) -> str:
+        k = self.keys[i]
+        return k.split("/", 1)[1] if self.qualified else k
 
     def image_member(self, i: int) -> tuple[str, int, int, str]:
-        """WebDataset: the (ext, offset, size, name) of sample i's image member."""
-        return next(m for m in self.members[i] if m[0] in WDS_IMAGE_EXTS)
+        """WebDataset: sample i's image member as (ext, offset, size, name)."""
+        off, size, e = (int(v) for v in self.img[i])
+        ext = WDS_IMAGE_EXTS[e]
+        return ext, off, size, f"{self._member_key(i)}.{ext}"
+
+    def cls_member(self, i: int) -> tuple[str, int, int, str]:
+        off, size = (int(v) for v in self.cls[i])
+        return "cls", off, size, f"{self._member_key(i)}.cls"
+
+    def path(self, i: int) -> str:
+        """Where sample i lives, for DALI's file list and for messages: a file, or `<tar>:<member>`."""
+        if self.kind == "folder":
+            return os.path.join(self.root, self.split, self.keys[i])
+        return f"{self.tars[self.tar_of[i]]}:{self.image_member(i)[3]}"
 
     def read_bytes(self, i: int) -> bytes:
         """The encoded image of sample i (a plain file read, or a seek into its tar)."""
         if self.kind == "folder":
-            with open(self.paths[i], "rb") as f:
+            with open(self.path(i), "rb") as f:
                 return f.read()
         _, off, size, _ = self.image_member(i)
         with open(self.tars[self.tar_of[i]], "rb") as f:
@@ -143,7 +165,7 @@ def list_imagefolder(root: Path, split: str, classes_file: str | None, on_bad: s
     split_dir = root / split
     classes = resolve_classes(root, split_dir, classes_file)
     index = {c: i for i, c in enumerate(classes)}
-    keys, paths, labels, skipped = [], [], [], []
+    keys, labels, skipped = [], [], []
     folders = sorted(d.name for d in os.scandir(split_dir) if d.is_dir())
     if not folders:
         raise DataError(f"{split_dir}: no class folders")
@@ -161,132 +183,14 @@ def list_imagefolder(root: Path, split: str, classes_file: str | None, on_bad: s
             raise DataError(f"{split_dir / c}: empty class folder (no .jpg/.jpeg/.png files)")
         for f in files:
             keys.append(f"{c}/{f}")
-            paths.append(str(split_dir / c / f))
             labels.append(index[c])
     if not keys:
         raise DataError(f"{split_dir}: no images")
-    return Listing(str(root), split, "folder", keys, paths, np.array(labels, np.int64),
+    return Listing(str(root), split, "folder", keys, np.array(labels, np.int64),
                    np.array([key_id(k) for k in keys], np.int64), len(classes), skipped=skipped)
 
 
 # ------------------------------------------------------------------------------------- WebDataset
-
-def _split_name(name: str) -> tuple[str, str]:
-    """WebDataset convention: the key runs up to the first dot of the base name."""
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:].lower())
-
-
-class _Exotic(Exception):
-    """A header type the fast scanner leaves to `tarfile` (GNU long names, pax headers)."""
-
-
-def _octal(field: bytes) -> int:
-    if field[0] & 0x80:   # GNU base-256 for sizes over 8 GiB
-        return int.from_bytes(field[1:], "big")
-    field = field.split(b"\0", 1)[0].strip()
-    return int(field, 8) if field else 0
-
-
-def _headers_fast(path: str, size: int) -> tuple[list[tuple[str, int, int]], dict[str, bytes], str | None]:
-    """Regular members as (name, data offset, size) by reading the 512-byte ustar headers directly
-    (10-20x faster than `tarfile`, which matters for ImageNet's 2.5M members), small members' bytes,
-    and what is wrong with the file if it is truncated. Raises _Exotic on GNU/pax extensions."""
-    members, small = [], {}
-    off = 0
-    with open(path, "rb") as f:
-        while True:
-            f.seek(off)
-            buf = f.read(1024)   # the header and, for a label, its data
-            hdr = buf[:512]
-            if len(hdr) < 512:
-                return members, small, (f"no end-of-archive block after byte {off}" if not hdr.strip(b"\0")
-                                        else f"header at byte {off} cut short")
-            if hdr.count(0) == 512:
-                return members, small, None
-            chk = _octal(hdr[148:156])
-            if chk != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-                raise DataError(f"{path}: corrupt tar header at byte {off} (checksum mismatch)")
-            kind = hdr[156:157]
-            if kind in (b"L", b"K", b"x", b"g"):
-                raise _Exotic
-            n = _octal(hdr[124:136])
-            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if hdr[257:262] == b"ustar" and hdr[345] != 0:
-                name = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
-            data = off + 512
-            if kind in (b"0", b"\0", b"7"):
-                if data + n > size:
-                    return members, small, f"member {name} ends at byte {data + n}, the file has {size}"
-                members.append((name, data, n))
-                if n <= 512:
-                    small[name] = buf[512:512 + n]
-            off = data + (n + 511) // 512 * 512
-
-
-def _headers_tarfile(path: str, size: int) -> tuple[list[tuple[str, int, int]], dict[str, bytes], str | None]:
-    """The same through `tarfile`; it stops silently at a header cut short, hence the checks."""
-    members, small = [], {}
-    with tarfile.open(path) as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            if m.offset_data + m.size > size:
-                return members, small, f"member {m.name} ends at byte {m.offset_data + m.size}, the file has {size}"
-            members.append((m.name, m.offset_data, m.size))
-            if m.size <= 512:
-                small[m.name] = tf.extractfile(m).read()
-        end = tf.offset
-    with open(path, "rb") as f:
-        f.seek(end)
-        tail = f.read(512)
-    if len(tail) < 512 or tail.count(0) != 512:
-        return members, small, f"no end-of-archive block after byte {end}"
-    return members, small, None
-
-
-def scan_tar(path: str, on_bad: str = "error") -> tuple[list[tuple[str, list]], dict[str, bytes], list[str]]:
-    """(key, members) per sample of one shard, members as (ext, offset, size, name); the raw `.cls`
-    bytes by key (read during the scan: a seek per label would double the scan time); skipped names.
-
-    Truncation is checked explicitly: every member must end inside the file, and the end-of-archive
-    zero block must follow the last member (`tarfile` alone stops silently at a header cut short).
-    """
-    size = os.path.getsize(path)
-    try:
-        try:
-            found, small, problem = _headers_fast(path, size)
-        except _Exotic:
-            found, small, problem = _headers_tarfile(path, size)
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise DataError(f"{path}: unreadable or truncated tar shard ({e})") from None
-    samples: dict[str, list] = {}
-    cls: dict[str, bytes] = {}
-    skipped: list[str] = []
-    for name, off, n in found:
-        key, ext = _split_name(name)
-        samples.setdefault(key, []).append((ext, off, n, name))
-        if ext == "cls":
-            cls[key] = small.get(name, b"")
-    if problem is not None:
-        if on_bad != "skip":
-            raise DataError(f"{path}: truncated tar shard ({problem})")
-        # keep the samples that are complete; the last one may have lost members, so it goes too
-        if samples:
-            last = next(reversed(samples))
-            skipped.append(f"{path}:{last}")
-            del samples[last]
-        log.warning("%s: truncated tar shard (%s); kept %d complete samples", path, problem, len(samples))
-    return list(samples.items()), cls, skipped
-
-
-def _parse_label(path: str, name: str, raw: bytes) -> int:
-    try:
-        return int(raw.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{path}:{name}: .cls is not ASCII digits ({raw[:16]!r})") from None
-
 
 def _tar_signature(tars: list[Path]) -> tuple:
     return tuple((str(t), t.stat().st_size, t.stat().st_mtime_ns) for t in tars)
@@ -295,7 +199,7 @@ def _tar_signature(tars: list[Path]) -> tuple:
 @functools.lru_cache(maxsize=8)
 def _list_wds_cached(signature: tuple, root: str, split: str, num_classes: int, on_bad: str) -> Listing:
     tars = [s[0] for s in signature]
-    keys, paths, labels, tar_of, members, skipped = [], [], [], [], [], []
+    keys, labels, tar_of, img_m, cls_m, skipped = [], [], [], [], [], []
     for t, tar in enumerate(tars):
         samples, raw_cls, bad = scan_tar(tar, on_bad)
         skipped += bad
@@ -308,22 +212,24 @@ def _list_wds_cached(signature: tuple, root: str, split: str, num_classes: int, 
                     skipped.append(f"{tar}:{key}")
                     continue
                 raise DataError(f"{tar}: sample {key!r} lacks {what}")
-            label = _parse_label(tar, cls[0][3], raw_cls[key])
+            label = parse_label(tar, cls[0][3], raw_cls[key])
             if num_classes and not 0 <= label < num_classes:
                 raise DataError(f"{tar}:{cls[0][3]}: label {label} outside the {num_classes} classes")
             keys.append(key)
-            paths.append(f"{tar}:{img[0][3]}")
             labels.append(label)
             tar_of.append(t)
-            members.append([img[0], cls[0]])
+            img_m.append((img[0][1], img[0][2], WDS_IMAGE_EXTS.index(img[0][0])))
+            cls_m.append((cls[0][1], cls[0][2]))
     if not keys:
         raise DataError(f"{root}: no samples in {split}-*.tar")
-    if len(set(keys)) != len(keys):  # keys local to each shard: qualify them with the shard name
+    qualified = len(set(keys)) != len(keys)
+    if qualified:  # keys local to each shard: qualify them with the shard name
         keys = [f"{Path(tars[t]).name}/{k}" for t, k in zip(tar_of, keys)]
     n_cls = num_classes or int(max(labels)) + 1
-    return Listing(root, split, "wds", keys, paths, np.array(labels, np.int64),
+    return Listing(root, split, "wds", keys, np.array(labels, np.int64),
                    np.array([key_id(k) for k in keys], np.int64), n_cls, tars=tars,
-                   tar_of=np.array(tar_of, np.int64), members=members, skipped=skipped)
+                   tar_of=np.array(tar_of, np.int64), img=np.array(img_m, np.int64).reshape(-1, 3),
+                   cls=np.array(cls_m, np.int64).reshape(-1, 2), qualified=qualified, skipped=skipped)
 
 
 def list_webdataset(root: Path, split: str, classes_file: str | None, on_bad: str = "error") -> Listing:

@@ -225,7 +225,7 @@ class StreamLoader:
 
     def mark_bad(self, p: int, reason: str) -> None:
         """Records an undecodable sample: an error naming it, or (skip) padding plus a log line."""
-        name = self.listing.paths[p]
+        name = self.listing.path(p)
         if self.on_bad != "skip":
             raise DataError(f"{name}: {reason}") from None
         self.bad.add(p)
