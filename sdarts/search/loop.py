@@ -105,10 +105,14 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
         if is_main:
             log.info("resumed from step %d (epoch %d)", step, start_epoch)
     else:
+        # a fresh start, or --resume before the first checkpoint (a job requeued early): whatever logs
+        # an earlier attempt left are cut back to step 0
+        for f in (metrics, scores):
+            f.truncate_after(0)
+        alphas.rewrite(alpha_history if is_main else [])
         if is_main:
             atomic_write(run_dir / "config.yaml", dump(cfg))
             write_ds_config(run_dir / "ds_config.json", se.ds_config)
-            alphas.append(alpha_history[0])
 
     tb = None
     if is_main and cfg.log.tensorboard:
