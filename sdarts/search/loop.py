@@ -78,7 +78,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     # DeepSpeed broadcasts parameters as flat byte views, which NHWC (channels_last) weights cannot give;
     # the activations stay channels_last because the supernet converts its input
     for p in model.parameters():
-        p.data = p.data.contiguous()
+        p.data = p.data.clone(memory_format=torch.contiguous_format)
     se = SearchEngine(cfg, model, world, device)
     model = se.module
     strategy = make_strategy(cfg.strategy, se, accum, cfg)
