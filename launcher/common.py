@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -9,6 +10,8 @@ import sys
 EXIT_BAD_INPUT = 2
 #: a run stopped by a numerical fault (NaN/inf loss); the last good checkpoint is named in the message
 EXIT_NUMERICAL = 3
+#: a write failed (disk full, quota): the run stopped, `latest` still names the last complete checkpoint
+EXIT_SAVE_FAILED = 4
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -28,12 +31,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def fail_cleanly():
     """Turns the library's user-facing errors into `error: <one line>` and exit 2."""
-    from sdarts.search.strategies import NumericalFault
+    from sdarts.engine import CheckpointSaveError, NumericalFault
     try:
         yield
     except NumericalFault as e:
         print(f"error: numerical fault at {e}", file=sys.stderr)
         sys.exit(EXIT_NUMERICAL)
+    except CheckpointSaveError as e:
+        print(f"error: {_first_line(e)}", file=sys.stderr)
+        sys.exit(EXIT_SAVE_FAILED)
     except _user_errors() as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
@@ -42,6 +48,15 @@ def fail_cleanly():
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except OSError as e:  # a full disk outside checkpoints (a log line, a genotype file): one line too
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {e.filename or 'write'}: {e.strerror}", file=sys.stderr)
+        sys.exit(EXIT_SAVE_FAILED)
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def setup_logging(all_ranks: bool = False) -> None:

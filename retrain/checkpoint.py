@@ -3,7 +3,10 @@
 Last: `checkpoints/<tag>/` written by every rank through DeepSpeed (weights, optimizer momentum,
 client state: epoch, step, loader position, RNG, EMA, best score), then a barrier, then rank 0 moves
 `checkpoints/latest` by temp file + rename and only afterwards deletes checkpoints beyond `keep`, so a
-kill at any moment leaves `latest` naming a complete checkpoint (the search engine's rule).
+kill at any moment leaves `latest` naming a complete checkpoint (the search engine's rule, one
+implementation: `sdarts.engine.save_atomic`). Loading first checks every file with
+`torch.load(weights_only=True)` (`sdarts.engine.verify_safe`), because DeepSpeed's loader unpickles
+arbitrary objects.
 
 Best: `checkpoints/best.pt`, a plain `{"module": state_dict, ...}` file (loadable with
 `torch.load(weights_only=True)`, no DeepSpeed needed) written by rank 0 with temp file + rename.
@@ -11,28 +14,15 @@ Best: `checkpoints/best.pt`, a plain `{"module": state_dict, ...}` file (loadabl
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
-from sdarts.distributed import barrier
-from sdarts.engine import CheckpointError
+from sdarts.engine import CheckpointError, CheckpointSaveError, save_atomic, verify_safe
 
 
 def save_last(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    barrier()
-    if engine.global_rank == 0:
-        tmp = ckpt_dir / "latest.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, ckpt_dir / "latest")
-        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
-        for old in tags[:-keep]:
-            if old != tag:
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-    barrier()
+    save_atomic(engine, ckpt_dir, tag, client_state, keep)
 
 
 def load_last(engine, ckpt_dir: Path, genotype_json: dict) -> dict | None:
@@ -43,6 +33,7 @@ def load_last(engine, ckpt_dir: Path, genotype_json: dict) -> dict | None:
     tag = latest.read_text().strip()
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{ckpt_dir / tag}: checkpoint named by {latest} is missing")
+    verify_safe(ckpt_dir / tag)
     try:
         _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
     except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
@@ -58,7 +49,12 @@ def load_last(engine, ckpt_dir: Path, genotype_json: dict) -> dict | None:
 
 
 def save_best(path: Path, state_dict: dict, meta: dict) -> None:
-    """Rank 0 only: weights (fp32, CPU) plus metadata, atomically."""
+    """Rank 0 only: weights (fp32, CPU) plus metadata, atomically (a failed write keeps the old file)."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"module": {k: v.detach().cpu() for k, v in state_dict.items()}, **meta}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"module": {k: v.detach().cpu() for k, v in state_dict.items()}, **meta}, tmp)
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as a bare RuntimeError
+        tmp.unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointSaveError(f"{path} not saved: {first}; the previous {path.name} is kept") from None

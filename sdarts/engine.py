@@ -5,27 +5,41 @@ so DeepSpeed averages alpha's gradients with the weights', keeps fp32 master cop
 bf16/fp16 and saves both in one checkpoint. We do not give DeepSpeed an LR scheduler: learning rates
 are a pure function of the epoch (`set_epoch_lr`), which makes resume trivially exact.
 
-Checkpoints are atomic at the directory level: DeepSpeed writes `checkpoints/<tag>/`, every rank
-reaches a barrier, then rank 0 moves `checkpoints/latest` by writing a temp file and renaming it, and
-only then deletes checkpoints beyond `keep`. A kill at any point leaves `latest` naming a complete one.
+Checkpoints are atomic at the directory level (`save_atomic`, shared with the retrain loop): DeepSpeed
+writes `checkpoints/<tag>/`, every rank agrees that its part was written, then rank 0 moves
+`checkpoints/latest` by writing a temp file and renaming it, and only then deletes checkpoints beyond
+`keep`. A kill at any point leaves `latest` naming a complete one; a failed write (disk full) removes
+the partial tag and raises `CheckpointSaveError`, naming the checkpoint that is still good.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdarts.config import SearchConfig
-from sdarts.distributed import barrier
+from sdarts.distributed import all_agree, barrier
 from sdarts.optim import CombinedOptimizer, cosine_lr
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, from another space or not a checkpoint; names the path."""
+
+
+class NumericalFault(RuntimeError):
+    """A non-finite loss in fp32/bf16: the step is refused before any parameter moves (search and
+    retrain; the CLI prints it with the step and the last good checkpoint, exit code 3)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint that could not be written (disk full, quota, I/O error). Not bad input: the run
+    stops with one line naming the failed tag and the checkpoint `latest` still names (kept intact)."""
 
 
 def ds_config(micro_batch: int, accum: int, world: int, precision: str, autocast: bool, zero_stage: int,
@@ -122,18 +136,7 @@ class SearchEngine:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -> None:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        barrier()
-        if self.engine.global_rank == 0:
-            tmp = ckpt_dir / "latest.tmp"
-            tmp.write_text(tag)
-            os.replace(tmp, ckpt_dir / "latest")
-            tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
-            for old in tags[:-keep]:
-                if old != tag:
-                    shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-        barrier()
+        save_atomic(self.engine, ckpt_dir, tag, client_state, keep)
 
     def load(self, ckpt_dir: Path) -> dict | None:
         """Loads the checkpoint named by `latest`; returns its client state (None when there is none)."""
@@ -155,6 +158,132 @@ class SearchEngine:
             raise CheckpointError(f"{ckpt_dir / tag}: checkpoint is from space {client.get('space')!r}, "
                                   f"config says {self.cfg.space!r}")
         return client
+
+
+def save_atomic(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -> None:
+    """Writes `ckpt_dir/<tag>/` on every rank, then rank 0 moves `latest` to it, then prunes old tags.
+
+    The order is the crash-safety argument: `latest` only ever names a tag that every rank finished
+    writing, so a kill -9 at any instant leaves a loadable checkpoint. A write that fails on any rank
+    (ENOSPC, quota, I/O error) is agreed on by all ranks (no rank waits forever in a barrier), the
+    partial tag is removed and `CheckpointSaveError` names the checkpoint that is still good.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tag_dir = ckpt_dir / tag
+    rank0 = engine.global_rank == 0
+    error = None
+    try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        fault_point("save.begin", tag_dir)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        fault_point("save.written", tag_dir)
+    except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as a bare RuntimeError
+        error = _save_failure(e, tag_dir)
+    if not all_agree(error is not None):  # an all-reduce: also the barrier after every rank's write
+        if rank0:
+            try:
+                from sdarts.runlog import atomic_write
+                atomic_write(ckpt_dir / "latest", tag)
+            except OSError as e:
+                error = _save_failure(e, ckpt_dir / "latest")
+        if not all_agree(error is not None):
+            fault_point("save.committed", tag_dir)
+            if rank0:
+                _prune(ckpt_dir, tag, keep)
+            barrier()
+            return
+    previous = _latest_tag(ckpt_dir)
+    if rank0:
+        if previous != tag:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+        for tmp in ckpt_dir.glob("latest.tmp*"):  # a pointer write that failed half-way
+            tmp.unlink(missing_ok=True)
+    barrier()
+    kept = f"{ckpt_dir / previous} is kept" if previous else "no earlier checkpoint exists"
+    raise CheckpointSaveError(f"checkpoint {tag_dir} not saved: {error or 'another rank could not write its part'}"
+                              f"; `latest` still names the last complete one, {kept} (--resume continues from it)")
+
+
+def _latest_tag(ckpt_dir: Path) -> str | None:
+    try:
+        return (ckpt_dir / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _prune(ckpt_dir: Path, tag: str, keep: int) -> None:
+    """Deletes tags beyond the newest `keep` up to `tag`, and any tag newer than `tag`: those are left
+    over from a timeline that was killed and resumed from an earlier checkpoint, never committed."""
+    tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir())
+    older = [t for t in tags if t <= tag]
+    stale = [t for t in tags if t > tag] + older[:-keep]
+    for old in stale:
+        if old != tag:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def _save_failure(e: BaseException, where: Path) -> str:
+    """One line for a failed write; a full device is named as such even when torch hides the errno."""
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    os_err = next((x for x in chain if isinstance(x, OSError) and x.errno), None)
+    if os_err is not None:
+        return f"{os_err.strerror or os.strerror(os_err.errno)} ({os_err.filename or where})"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    if free is not None and free < (1 << 20):
+        return f"{os.strerror(errno.ENOSPC)} ({free} bytes free under {probe})"
+    return first
+
+
+#: test-only fault injection, see `fault_point` and docs/reliability.md
+FAULT_ENV = "SDARTS_TEST_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def fault_point(point: str, tag_dir: Path) -> None:
+    """Test-only: injects a fault at one of the checkpoint writer's crash-relevant instants.
+
+    Does nothing unless the environment has SDARTS_TEST_FAULT="<point>:<action>[:<n>|*]" (several
+    separated by commas), which fires at the n-th time (default 1; `*` every time) this process reaches
+    <point>: `save.begin` (nothing written yet), `save.written` (the tag is complete, `latest` not yet
+    moved), `save.committed` (`latest` moved, old tags not yet pruned). Actions: `kill` (SIGKILL
+    itself: a kill -9 at exactly that instant), `torn` (cut the tag's files to half, then SIGKILL: a
+    kill mid-write), `enospc` (cut to half, then raise ENOSPC: a disk that fills mid-write), `term`
+    (send itself SIGTERM: a preemption signal arriving during the save). The reliability tests use it
+    because such instants last microseconds and cannot be hit reliably from outside the process.
+    """
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, action, *nth = item.strip().split(":")
+        if name != point:
+            continue
+        hit = _fault_hits[item] = _fault_hits.get(item, 0) + 1
+        when = nth[0] if nth else "1"
+        if when != "*" and hit != int(when):
+            continue
+        if action in ("torn", "enospc") and tag_dir.is_dir():
+            for f in tag_dir.iterdir():
+                if f.is_file():
+                    os.truncate(f, f.stat().st_size // 2)
+        if action in ("kill", "torn"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" ({FAULT_ENV})", str(tag_dir))
+        else:
+            raise ValueError(f"{FAULT_ENV}: unknown action {action!r} in {item!r}")
 
 
 def verify_safe(tag_dir: Path) -> None:
