@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -23,7 +24,7 @@ import torch
 
 from sdarts.config import dump
 from sdarts.distributed import all_agree, barrier, init
-from sdarts.engine import CheckpointError, check_precision, ds_config, write_ds_config
+from sdarts.engine import CheckpointError, NumericalFault, check_precision, ds_config, write_ds_config
 from sdarts.genotype import Genotype, save as save_genotype
 from sdarts.preempt import EXIT_PREEMPTED, Preempted, PreemptionSignals
 from sdarts.runlog import JsonlLog, atomic_write
@@ -53,6 +54,13 @@ def prepare_run_dir(run_dir: Path, resume: bool, force: bool, rank: int) -> None
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(exist_ok=True)
     barrier()
+
+
+def _diverged(ckpt_dir: Path, step: int, epoch: int, value: float) -> None:
+    latest = ckpt_dir / "latest"
+    last = ckpt_dir / latest.read_text().strip() if latest.exists() else "none yet"
+    raise NumericalFault(f"step {step + 1} (epoch {epoch + 1}): non-finite loss ({value}); last good checkpoint: "
+                         f"{last} (--resume continues from it; consider a lower optim.w.lr)")
 
 
 @dataclass
@@ -216,9 +224,14 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                     x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
                     logits, logits_aux = engine(x)
                     loss = train_loss(cfg, logits, logits_aux, y)
+                    value = float(loss.detach())
+                    # fp16 leaves overflow to DeepSpeed's loss scaler (it skips and counts the step);
+                    # elsewhere a NaN/inf loss stops the run before backward, so no weight moves
+                    if cfg.precision != "fp16" and not math.isfinite(value):
+                        _diverged(ckpt_dir, step, epoch, value)
                     engine.backward(loss)
                     engine.step()
-                    loss_sum += float(loss.detach())
+                    loss_sum += value
                     correct += int((logits.detach().argmax(1) == y).sum())
                     seen += y.numel()
                 if ema is not None:
@@ -264,6 +277,12 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                     import copy
                     ema_model = copy.deepcopy(model)
                 ema.copy_to(ema_model)
+                # integer buffers (BN counters) follow the live model, so best.pt does not depend on the
+                # step at which ema_model was first copied (which a resume moves)
+                target = ema_model.state_dict()
+                for k, v in model.state_dict().items():
+                    if not v.is_floating_point():
+                        target[k].copy_(v)
                 last_eval["ema"] = evaluate(ema_model, eval_loader, cfg, device)
                 judged, weights = last_eval["ema"], ema_model.state_dict
             for src, ev in last_eval.items():

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sdarts.data import Batch
+from sdarts.engine import NumericalFault  # noqa: F401 - defined once, shared with the retrain loop
 
 
 @dataclass
@@ -32,10 +33,6 @@ class StepResult:
     images: int
     alpha_ids: list[torch.Tensor]  # sample ids that produced alpha's gradient (tests assert on them)
     w_ids: list[torch.Tensor]
-
-
-class NumericalFault(RuntimeError):
-    """A non-finite loss in fp32/bf16: the step is refused before any parameter moves."""
 
 
 def _micro(engine, batch: Batch, tags: set[str]) -> tuple[torch.Tensor, torch.Tensor]:
