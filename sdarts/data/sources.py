@@ -80,6 +80,9 @@ def read_wds_shard(path: Path, on_bad: str = "error", skipped: list | None = Non
     """Reads (key, jpeg bytes, label) triples from one WebDataset tar with the standard library."""
     keys, jpgs, labels = [], [], []
     pending: dict[str, dict[str, bytes]] = {}
+    if on_bad != "skip":  # tarfile alone stops silently when a shard is cut at a member boundary
+        from sdarts.data.wds import scan_tar
+        scan_tar(str(path), on_bad)
     try:
         with tarfile.open(path) as tf:
             for m in tf:
