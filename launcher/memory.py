@@ -15,6 +15,14 @@ reads. Each entry says where, when and how it was obtained:
   slope / counted fp32 bytes), i.e. the counted activations scaled by the overhead the CPU probe
   showed on top of them; fixed = 16 bytes per parameter (weights, gradients, SGD momentum, fp16
   copies) + a workspace allowance. See `derive`.
+- `source: published`: a constraint someone reported from real hardware (a paper's "batch X did not fit,
+  Y did" on a named GPU), turned into the two numbers: per_sample is a value inside the bracket the
+  report implies under the planner's own budget formula, fixed the derived formula for the reported
+  network. Only under `gpu_profiles`, because such a report is about one GPU model.
+
+Which entry a plan uses (`lookup`): for a GPU profile, a measured entry for that profile, else a
+published one for that profile (`gpu_profiles.<profile>.<precision>`, a list), else the generic
+`memory.gpu.<precision>` entry (derived today); CPUs use `memory.cpu.<precision>`.
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sdarts.config import ConfigError, _Strict, build, read_yaml
 
@@ -42,6 +50,9 @@ MIB = 1 << 20
 BYTES_PER_PARAM = 16
 #: cuDNN / cuBLAS workspaces, allocated through torch's allocator during convolutions and matmuls
 WORKSPACE_MIB = 256
+#: profile-specific entries (`gpu_profiles`), best first: a measurement with this code beats a
+#: published report; both beat the generic derived `memory.gpu` entry
+SOURCE_ORDER = ("measured", "published")
 
 
 @dataclass(frozen=True)
@@ -78,13 +89,16 @@ def fit(points: list[tuple[int, int]]) -> MemoryModel:
 class MemoryEntry(_Strict):
     fixed_bytes: int = Field(ge=0)
     per_sample_bytes: int = Field(gt=0)
-    source: Literal["measured", "derived"]
-    #: the machine (measured) or the basis (derived)
+    source: Literal["measured", "derived", "published"]
+    #: the machine (measured), the basis (derived) or the publication and its hardware (published)
     where: str
     when: str
     how: str
     #: measured (micro_batch, peak_bytes) pairs behind a fit
     points: list[tuple[int, int]] = []
+    #: the cell this entry was made with, where it is not the job's `genotype` (a published entry
+    #: measured with the paper's own network)
+    genotype: Optional[str] = None
 
     def model(self) -> MemoryModel:
         return MemoryModel(self.fixed_bytes, self.per_sample_bytes)
@@ -99,6 +113,20 @@ class JobCalibration(_Strict):
     #: retrain jobs: the genotype the entries were made with
     genotype: Optional[str] = None
     memory: dict[Literal["gpu", "cpu"], dict[Literal["fp32", "bf16", "fp16"], MemoryEntry]] = {}
+    #: entries for one GPU profile (`configs/gpus/<name>.yaml`) and precision, measured or published;
+    #: they win over the generic `memory.gpu` entry for that profile (see SOURCE_ORDER)
+    gpu_profiles: dict[str, dict[Literal["fp32", "bf16", "fp16"], list[MemoryEntry]]] = {}
+
+    @field_validator("gpu_profiles")
+    @classmethod
+    def _measured_or_published(cls, v):
+        for name, precs in v.items():
+            for prec, entries in precs.items():
+                for e in entries:
+                    if e.source not in SOURCE_ORDER:
+                        raise ValueError(f"gpu_profiles.{name}.{prec}: source {e.source!r} belongs under "
+                                         f"memory.gpu (profile entries are {' or '.join(SOURCE_ORDER)})")
+        return v
 
 
 class CalibrationTable(_Strict):
@@ -109,10 +137,12 @@ def load_table(path: str | Path = CALIBRATION) -> CalibrationTable:
     return build(CalibrationTable, read_yaml(path), source=str(path))
 
 
-def lookup(table: CalibrationTable, job, device_kind: str, precision: str, path: str | Path = CALIBRATION
-           ) -> tuple[MemoryModel, MemoryEntry]:
-    """The memory model for `job` on `device_kind` at `precision`; a missing or mismatched entry is
-    one ConfigError line saying how to make one."""
+def lookup(table: CalibrationTable, job, device_kind: str, precision: str, path: str | Path = CALIBRATION,
+           profile: str | None = None) -> tuple[MemoryModel, MemoryEntry, str]:
+    """The memory model for `job` on `device_kind` at `precision`, its entry and the entry's key in
+    the table. For a GPU `profile`: a measured entry for that profile, else a published one, else the
+    generic `memory.gpu` entry. A missing or mismatched entry is one ConfigError line saying how to
+    make one."""
     probe = f"python launcher/plan.py --probe --job {job.path}"
     cal = table.jobs.get(job.name)
     if cal is None:
@@ -122,12 +152,28 @@ def lookup(table: CalibrationTable, job, device_kind: str, precision: str, path:
         if key in shape and shape[key] != value:
             raise ConfigError(f"{path}: calibration of {job.name!r} was made with {key}={value!r}, the job has "
                               f"{key}={shape[key]!r}; run `{probe}` for this network")
+    if device_kind == "gpu" and profile is not None:
+        candidates = cal.gpu_profiles.get(profile, {}).get(precision, [])
+        for source in SOURCE_ORDER:
+            for e in candidates:
+                if e.source == source:
+                    return e.model(), e, f"gpu_profiles.{profile}.{precision}"
     entry = cal.memory.get(device_kind, {}).get(precision)
     if entry is None:
-        have = [f"{d}/{p}" for d, ps in cal.memory.items() for p in ps]
+        have = [f"{d}/{p}" for d, ps in cal.memory.items() for p in ps] + \
+               [f"{n}/{p}" for n, ps in cal.gpu_profiles.items() for p in ps]
         raise ConfigError(f"{path}: no {device_kind} calibration of {job.name!r} at {precision} "
                           f"(have: {', '.join(have) or 'none'}); run `{probe}` on such a device")
-    return entry.model(), entry
+    return entry.model(), entry, f"memory.{device_kind}.{precision}"
+
+
+def per_sample_bracket(budget_bytes: int, fixed_bytes: int, fits: int, does_not_fit: int) -> tuple[int, int]:
+    """The per-sample bytes a report "`fits` samples fit, `does_not_fit` did not" implies under
+    `budget_bytes` with `fixed_bytes`: every integer p with low < p <= high (for a published entry)."""
+    room = budget_bytes - fixed_bytes
+    if room <= 0 or not 0 < fits < does_not_fit:
+        raise ValueError(f"no per-sample bracket for fits={fits}, does_not_fit={does_not_fit}, room={room}")
+    return room // does_not_fit, room // fits
 
 
 def reference_global_batch(table: CalibrationTable, job) -> int | None:
@@ -230,20 +276,26 @@ def derive(job, precision: str, cpu_fp32: MemoryModel, genotype: str | None = No
 
 
 def snippet(job, entries: dict[str, dict[str, MemoryEntry]], genotype: str | None = None,
-            reference_global_batch: int | None = None) -> str:
-    """YAML for `configs/calibration.yaml` (under `jobs:`), ready to paste."""
+            reference_global_batch: int | None = None,
+            profile_entries: dict[str, dict[str, MemoryEntry]] | None = None) -> str:
+    """YAML for `configs/calibration.yaml` (under `jobs:`), ready to paste. `profile_entries`
+    ({profile: {precision: entry}}) go under `gpu_profiles`, one list item each."""
     body: dict[str, Any] = {}
     if reference_global_batch:
         body["reference_global_batch"] = reference_global_batch
     body["shape"] = job.shape()
     if job.kind == "retrain":
         body["genotype"] = genotype
-    body["memory"] = {d: {p: e.model_dump(mode="json") for p, e in ps.items()} for d, ps in entries.items()}
-    for ps in body["memory"].values():
-        for e in ps.values():
-            e["points"] = [_Flow(x) for x in e["points"]]
-            if not e["points"]:
-                del e["points"]
+    def dump(e: MemoryEntry) -> dict:
+        d = e.model_dump(mode="json", exclude_none=True)
+        d["points"] = [_Flow(x) for x in d["points"]]
+        if not d["points"]:
+            del d["points"]
+        return d
+
+    body["memory"] = {d: {p: dump(e) for p, e in ps.items()} for d, ps in entries.items()}
+    if profile_entries:
+        body["gpu_profiles"] = {n: {p: [dump(e)] for p, e in ps.items()} for n, ps in profile_entries.items()}
     body["shape"] = _Flow(body["shape"])
     return yaml.dump({"jobs": {job.name: body}}, Dumper=_Dumper, sort_keys=False, width=120)
 

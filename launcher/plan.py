@@ -7,10 +7,11 @@ margin, then either keeps the recipe's global batch through gradient accumulatio
 (the paper's 1024 / 0.5 -> 768 / 0.375 on 11 GB GPUs). Prints the plan as JSON, with the exact
 `deepspeed` command; `--run` executes it.
 
-`python launcher/plan.py --probe --job CONFIG [--derive-gpu]` measures instead: real steps at growing
-micro-batches on this machine's device, fitted to fixed + per-sample bytes, printed as YAML for
-`configs/calibration.yaml` (with `--derive-gpu` on a CPU: GPU entries derived from counted
-activations, see `launcher/memory.py`).
+`python launcher/plan.py --probe --job CONFIG [--derive-gpu | --gpu PROFILE]` measures instead: real
+steps at growing micro-batches on this machine's device, fitted to fixed + per-sample bytes, printed as
+YAML for `configs/calibration.yaml` (with `--derive-gpu` on a CPU: GPU entries derived from counted
+activations; with `--gpu PROFILE` on a GPU: filed under `gpu_profiles.PROFILE`, where it beats a
+published or derived entry; see `launcher/memory.py`).
 """
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def make_plan(job, hostfile, profile, table, *, keep_global_batch: bool = False,
     if not 0 <= margin < 1:
         raise PlanError(f"--margin must be in [0, 1), got {margin}")
     prec = profile.pick_precision(precision or job.cfg.precision)
-    model, entry = M.lookup(table, job, profile.kind, prec, calibration_path or M.CALIBRATION)
+    model, entry, key = M.lookup(table, job, profile.kind, prec, calibration_path or M.CALIBRATION,
+                                 profile=profile.name if profile.kind == "gpu" else None)
     budget = profile.usable_bytes(margin)
     if profile.kind == "cpu":  # one host's memory is shared by its ranks
         budget //= max(hostfile.slots_per_node)
@@ -91,12 +93,16 @@ def make_plan(job, hostfile, profile, table, *, keep_global_batch: bool = False,
     micro, accum, global_batch = choose_batch(max_fit, world, reference, keep_global_batch, multiple_of)
     lr = job.cfg.optim.w.lr * global_batch / reference
     notes = []
-    cal_genotype = table.jobs[job.name].genotype
+    cal_genotype = entry.genotype or table.jobs[job.name].genotype
     if job.kind == "retrain" and genotype and cal_genotype and Path(genotype).stem != cal_genotype:
-        notes.append(f"memory calibrated with genotype {cal_genotype}; a cell with more or larger ops needs more: "
+        notes.append(f"memory calibrated with genotype {cal_genotype}; another cell needs more or less: "
                      f"`plan.py --probe --job {job.path} --genotype {genotype}` measures yours")
     if entry.source == "derived":
         notes.append(f"{profile.name}: {job.name} at {prec} uses a derived (not measured) calibration")
+    elif entry.source == "published":
+        notes.append(f"{profile.name}: {job.name} at {prec} uses a published calibration ({entry.where}), "
+                     f"not one measured with this code: `plan.py --probe --job {job.path} --gpu {profile.name}` on "
+                     f"such a GPU measures one, which wins")
     sets = [f"data.micro_batch={micro}", f"engine.grad_accum={accum}", f"optim.w.lr={_fmt_lr(lr)}",
             f"precision={prec}"]
     if job.kind == "retrain":  # the retrain script scales optim.w.lr from reference_batch itself
@@ -107,10 +113,11 @@ def make_plan(job, hostfile, profile, table, *, keep_global_batch: bool = False,
         "micro_batch": micro, "grad_accum": accum, "global_batch": global_batch,
         "reference_global_batch": reference, "lr": float(_fmt_lr(lr)), "reference_lr": job.cfg.optim.w.lr,
         "keep_global_batch": keep_global_batch,
+        "memory_source": f"{entry.source} ({key}): {entry.where}",
         "memory": {"budget_mib": round(budget / M.MIB), "margin": margin, "max_micro_batch": max_fit,
                    "step_mib": round(model.bytes_at(micro) / M.MIB), "fixed_bytes": model.fixed_bytes,
                    "per_sample_bytes": model.per_sample_bytes, "calibration": entry.source,
-                   "calibration_where": entry.where, "calibration_when": entry.when,
+                   "calibration_key": key, "calibration_where": entry.where, "calibration_when": entry.when,
                    "calibration_genotype": cal_genotype},
         "overrides": sets,
         "notes": notes,
@@ -179,6 +186,10 @@ def run_probe(args) -> int:
                               f"{'max_memory_allocated' if on_gpu else 'peak RSS'}, least squares",
                           points=[(r["micro_batch"], r["peak_bytes"]) for r in records])
     entries = {kind: {prec: entry}}
+    profile_entries = None
+    if on_gpu and args.gpu:  # a measurement on this GPU model: filed under its profile (wins over memory.gpu)
+        profile_entries = {gpus.load(args.gpu).name: {prec: entry}}
+        entries = {}
     if args.derive_gpu:
         if on_gpu or prec != "fp32":
             raise PlanError("--derive-gpu scales a CPU fp32 probe: run it on a CPU with --precision fp32")
@@ -191,7 +202,7 @@ def run_probe(args) -> int:
     ref = (M.reference_global_batch(table, job) if table else None) or job.reference_batch()
     geno = (args.genotype or "darts_v2") if job.kind == "retrain" else None
     print(f"# paste under `jobs:` in configs/calibration.yaml (merge with an existing {job.name} entry)")
-    print(M.snippet(job, entries, geno, ref), end="")
+    print(M.snippet(job, entries, geno, ref, profile_entries), end="")
     summary = {"job": job.name, "device": where, "precision": prec, "fixed_mib": round(model.fixed_bytes / M.MIB, 1),
                "per_sample_mib": round(model.per_sample_bytes / M.MIB, 2)}
     print(json.dumps(summary), file=sys.stderr)
@@ -203,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", required=True, help="search or retrain config (YAML)")
     p.add_argument("--hostfile", help="DeepSpeed hostfile (`host slots=N` lines)")
-    p.add_argument("--gpu", help="GPU profile name (configs/gpus/<name>.yaml) or path")
+    p.add_argument("--gpu", help="GPU profile name (configs/gpus/<name>.yaml) or path; with --probe on a GPU: "
+                                 "the profile of this GPU, to file the measured entry under gpu_profiles.<name>")
     p.add_argument("--keep-global-batch", action="store_true",
                    help="keep the reference global batch (and lr) through gradient accumulation")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
