@@ -93,6 +93,10 @@ class SearchEngine:
         self.opt.partitioned = cfg.engine.zero_stage > 0
         self.ds_config = ds_config(cfg.data.micro_batch, cfg.engine.grad_accum, world, cfg.precision,
                                    cfg.engine.autocast, cfg.engine.zero_stage, device.type == "cuda")
+        # DeepSpeed broadcasts parameters as flat byte views, which NHWC (channels_last) weights cannot
+        # give; activations stay channels_last because the supernet converts its input
+        for p in model.parameters():
+            p.data = p.data.clone(memory_format=torch.contiguous_format)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=self.opt, config=self.ds_config)
         self.device = self.engine.device
         # DeepSpeed's bf16/fp16 modes cast the whole module, so inputs must match; autocast takes fp32 inputs

@@ -75,10 +75,6 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     if skipped and is_main:
         log.warning("skipped %d undecodable samples (data.on_bad_sample=skip); first: %s", len(skipped), skipped[0])
     model = build_supernet(cfg)
-    # DeepSpeed broadcasts parameters as flat byte views, which NHWC (channels_last) weights cannot give;
-    # the activations stay channels_last because the supernet converts its input
-    for p in model.parameters():
-        p.data = p.data.clone(memory_format=torch.contiguous_format)
     se = SearchEngine(cfg, model, world, device)
     model = se.module
     strategy = make_strategy(cfg.strategy, se, accum, cfg)
