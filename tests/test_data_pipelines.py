@@ -157,6 +157,9 @@ def test_bilevel_halves_are_disjoint_and_cover_the_split(sample):
     assert set(a.ids.tolist()) | set(b.ids.tolist()) == set(whole.ids.tolist())
     assert len(a) == len(b) == 500
     assert np.array_equal(choose(list_split(sample, "train"), subset="a").ids, a.ids)   # stable
+    small = choose(whole, subset="b", max_samples=256)   # more classes (500) than images kept
+    assert len(small) == 256 and len(set(small.labels.tolist())) == 256
+    assert set(small.ids.tolist()) <= set(b.ids.tolist())
 
 
 def test_bilevel_halves_stay_disjoint_on_every_rank(sample):

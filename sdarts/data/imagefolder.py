@@ -280,14 +280,18 @@ def choose(listing: Listing, fraction: float = 1.0, subset: str | None = None, m
         order = idx[np.lexsort((rank, labels[idx]))]
         idx = np.sort(order[0::2] if subset == "a" else order[1::2])
     if max_samples and len(idx) > max_samples:
-        classes = np.unique(labels[idx])
-        per_class = max(1, max_samples // len(classes))
+        # round robin over the classes (each class's images in hash order): exactly max_samples,
+        # class-balanced to within one image even when there are more classes than max_samples
         rank = _key_rank([listing.keys[i] for i in idx], "cap")
-        keep = []
-        for c in classes:
-            members = idx[labels[idx] == c]
-            keep.append(members[np.argsort(rank[labels[idx] == c], kind="stable")][:per_class])
-        idx = np.sort(np.concatenate(keep))
+        by_hash = np.argsort(rank, kind="stable")
+        turn = np.empty(len(idx), np.int64)
+        seen: dict[int, int] = {}
+        for j in by_hash.tolist():
+            c = int(labels[idx[j]])
+            turn[j] = seen.get(c, 0)
+            seen[c] = turn[j] + 1
+        pick = np.lexsort((rank, turn))[:max_samples]
+        idx = np.sort(idx[pick])
     if len(idx) == 0:
         raise DataError(f"{listing.root}/{listing.split}: subset {subset!r} with fraction {fraction} is empty")
     return listing.take(idx) if len(idx) != len(listing) else listing
