@@ -26,7 +26,7 @@ NB201_LABELS = {"cifar10_test": "CIFAR-10 test", "cifar10_valid_val": "CIFAR-10 
 
 
 def _grid(n: int) -> tuple[int, int]:
-    cols = 3 if n <= 9 else 4
+    cols = max(1, min(n, 3)) if n <= 9 else 4
     return math.ceil(n / cols), cols
 
 
@@ -160,11 +160,11 @@ def cell_figure(genotype, title: str | None = None) -> Figure:
 def stability_figure(runs: list[dict], title: str = "NB201 accuracy per epoch") -> Figure:
     """One panel per (method, activation, alpha optimizer, lr): each seed's CIFAR-10 test accuracy of
     the derived cell at every epoch (the paper's Figure 1)."""
-    from sdarts.benchmarks.nb201_report import METHOD, group_key
+    from sdarts.benchmarks.nb201_report import METHOD, group_key, sort_key
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(group_key(r), []).append(r)
-    keys = sorted(groups, key=lambda k: (k[3], list(METHOD).index(k[0]) if k[0] in METHOD else 9, k[1], k[2]))
+    keys = sorted(groups, key=sort_key)
     rows, cols = _grid(len(keys))
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False, sharey=True)
     for n, key in enumerate(keys):

@@ -104,13 +104,19 @@ def group_key(run: dict) -> tuple:
     return (run["strategy"], run["activation"], run["alpha_optimizer"], run["lr"])
 
 
+def sort_key(key: tuple) -> tuple:
+    """Rows in the paper's order: method, then softmax before sigmoid, then alpha optimizer, larger lr first."""
+    strat, act, aopt, lr = key
+    return (list(METHOD).index(strat) if strat in METHOD else 9, {"softmax": 0, "sigmoid": 1}.get(act, 2), aopt, -lr)
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """One entry per group: mean/std of the final accuracies, worst in the second half, counts."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(group_key(r), []).append(r)
     out = []
-    for key in sorted(groups, key=lambda k: (list(METHOD).index(k[0]) if k[0] in METHOD else 9, k[1], k[2], -k[3])):
+    for key in sorted(groups, key=sort_key):
         rs = sorted(groups[key], key=lambda r: r["seed"])
         g = {"strategy": key[0], "method": METHOD.get(key[0], key[0]), "activation": key[1],
              "alpha_optimizer": key[2], "lr": key[3], "seeds": [r["seed"] for r in rs],
@@ -161,12 +167,12 @@ def markdown(groups: list[dict], runs: list[dict], title: str = "NB201 search st
         n = max(r["epochs"] for r in runs)
         lines.append("| run | " + " | ".join(str(e) for e in range(1, n + 1)) + " |")
         lines.append("|---|" + "---|" * n)
-        for r in sorted(runs, key=lambda r: (group_key(r), r["seed"])):
+        for r in sorted(runs, key=lambda r: (sort_key(group_key(r)), r["seed"])):
             vals = {t["epoch"]: t["cifar10_test"] for t in r["trajectory"]}
             cells = [f"{vals[e]:.1f}" if e in vals else "" for e in range(1, n + 1)]
             lines.append(f"| {r['name']}{'' if r['finished'] else ' (partial)'} | " + " | ".join(cells) + " |")
     lines += ["", "### Final cells", ""]
-    for r in sorted(runs, key=lambda r: (group_key(r), r["seed"])):
+    for r in sorted(runs, key=lambda r: (sort_key(group_key(r)), r["seed"])):
         lines.append(f"- `{r['name']}`: `{r['final_arch']}`")
     return "\n".join(lines) + "\n"
 
