@@ -232,7 +232,14 @@ def main(argv: list[str] | None = None) -> int:
             check_grid_file(results, args.config, args.overrides, args.device)
             # validate the first cell's config now: a bad --set is one line, not N failed runs
             from sdarts import config as C
-            C.load(args.config, cells[0].overrides)
+            cfg = C.load(args.config, cells[0].overrides)
+            # the searches run with cwd = ROOT: a missing table or data folder would otherwise cost
+            # every search its first epoch before failing
+            for key, value in (("nb201_table", cfg.nb201_table), ("data.root", cfg.data.root)):
+                if value and not (ROOT / value).exists():
+                    raise GridError(f"{key}: {value} not found (relative paths are taken from {ROOT})")
+            if not cfg.nb201_table:
+                raise GridError("nb201_table is not set: the stability table needs NB201 scores (--set nb201_table=PATH)")
     except (GridError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

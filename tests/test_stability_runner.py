@@ -53,6 +53,9 @@ def test_grid_follows_table5_lr_rule(tmp_path):
     (["--lrs", "fast"], "--lrs: expected comma-separated numbers"),
     (["--set", "optim.w.lr=-1"], "optim.w.lr"),
     (["--config", "nope.yaml"], "config file not found"),
+    (["--set", "nb201_table=/nowhere/t.csv.gz"], "nb201_table: /nowhere/t.csv.gz not found"),
+    (["--set", "nb201_table=configs/search/nb201_proxy.yaml", "--set", "data.root=/nowhere/cifar"],
+     "data.root: /nowhere/cifar not found"),  # (any existing file passes the table's existence check)
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, needle):
     assert runner.main(["--results", str(tmp_path / "r"), *argv]) == 2
