@@ -239,9 +239,16 @@ def _pick(row: torch.Tensor, names: tuple[str, ...], tie_order: tuple[str, ...],
     return best, best_v
 
 
-def derive_nb201(weights: torch.Tensor, op_names: tuple[str, ...] = NB201_OPS) -> NB201Genotype:
-    """NB201: argmax per edge over the activated weights [6, ops]."""
-    return NB201Genotype(tuple(_pick(weights[e], op_names, NB201_TIE_ORDER)[0] for e in range(len(NB201_EDGES))))
+def derive_nb201(weights: torch.Tensor, op_names: tuple[str, ...] = NB201_OPS,
+                 exclude: tuple[str, ...] = ()) -> NB201Genotype:
+    """NB201: argmax per edge over the activated weights [6, ops].
+
+    `exclude` drops ops that are not real candidates: under sigmoid, `none` gets no loss gradient
+    (its output is zero), so its weight never leaves the init and carries no evidence; with init 0
+    it sits at 0.5 and would win every edge whose learned ops all drifted below 0.5.
+    """
+    return NB201Genotype(tuple(_pick(weights[e], op_names, NB201_TIE_ORDER, exclude)[0]
+                               for e in range(len(NB201_EDGES))))
 
 
 def _derive_darts_cell(weights: torch.Tensor, op_names: tuple[str, ...]) -> tuple[Pair, ...]:

@@ -86,3 +86,19 @@ def test_load_file_and_name(tmp_path):
     assert G.load("darts_v2") == LITERATURE["darts_v2"]
     with pytest.raises(G.GenotypeError, match="not found"):
         G.load(tmp_path / "missing.json")
+
+
+def test_sigmoid_derivation_ignores_untrainable_none():
+    """Under sigmoid `none` never moves from its init (0.5 at init 0); it must not win an edge whose
+    learned ops all drifted just below 0.5 (seen in the CPU proxy: a derived cell of 10%)."""
+    from sdarts.spaces.nb201 import NB201Supernet
+    net = NB201Supernet(C=4, N=1, activation="sigmoid", init=0.0)
+    with torch.no_grad():
+        net.arch.alphas["normal"].fill_(-0.01)
+        net.arch.alphas["normal"][:, NB201_OPS.index("none")] = 0.0
+        net.arch.alphas["normal"][:, NB201_OPS.index("nor_conv_1x1")] = -0.005
+    assert set(net.genotype().ops) == {"nor_conv_1x1"}
+    soft = NB201Supernet(C=4, N=1, activation="softmax")
+    with torch.no_grad():
+        soft.arch.alphas["normal"][:, NB201_OPS.index("none")] = 5.0
+    assert set(soft.genotype().ops) == {"none"}  # under softmax `none` competes and can win

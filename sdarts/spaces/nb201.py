@@ -179,4 +179,5 @@ class NB201Supernet(nn.Module):
         return [p for p in self.parameters() if id(p) not in alpha_ids]
 
     def genotype(self) -> NB201Genotype:
-        return derive_nb201(self.arch.probabilities()["normal"], self.op_names)
+        exclude = ("none",) if self.arch.activation == "sigmoid" else ()
+        return derive_nb201(self.arch.probabilities()["normal"], self.op_names, exclude)
