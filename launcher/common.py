@@ -70,3 +70,8 @@ def setup_logging(all_ranks: bool = False) -> None:
     with contextlib.suppress(ImportError):
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
+        # DeepSpeed's handler keeps the stderr of the moment it was imported; an entry point called
+        # again in the same process (tests, notebooks) must not write to a stream closed since
+        for h in ds_logger.handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setStream(sys.stderr)
