@@ -216,3 +216,28 @@ def test_unknown_impl_is_named():
         NB201Supernet(C=4, N=1, impl="turbo")
     with pytest.raises(ValueError, match="turbo"):
         DartsSupernet(C=4, layers=5, impl="turbo")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weighted_bn_is_scaled_bn_even_for_an_expanded_scale(channels_last):
+    """`weighted_bn(x, bn, s)` == `s * bn(x)` in value and gradients, also for a stride-0 scale (an
+    expanded edge weight), which torch's CPU channels_last BN backward misreads unless made dense."""
+    from sdarts.spaces.fused import weighted_bn
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    row = torch.tensor([0.1, 0.2, 0.7, 0.3, 0.5], requires_grad=True)  # an edge's weights
+    w = row[2:3]  # one op's weight, as a view into the row
+    bn_a, bn_b = nn.BatchNorm2d(4, affine=False), nn.BatchNorm2d(4, affine=False)
+    g = torch.randn(6, 4, 8, 8).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out = weighted_bn(x, bn_a, w.expand(4))
+    ga = torch.autograd.grad(out, (x, row), g)
+    ref = w * bn_b(x)
+    gb = torch.autograd.grad(ref, (x, row), g)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn_a.running_var, bn_b.running_var)
+    assert bn_a.num_batches_tracked.item() == bn_b.num_batches_tracked.item() == 1

@@ -41,8 +41,10 @@ def weighted_bn(x: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor) -> tor
             factor = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
+    # contiguous: torch 2.14's CPU channels_last BN backward reads the weight as if it were dense; a
+    # stride-0 (expanded) weight gave garbage/NaN input gradients (found with MALLOC_PERTURB_)
     return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
-                        scale, None, use_batch_stats, factor, bn.eps)
+                        scale.contiguous(), None, use_batch_stats, factor, bn.eps)
 
 
 def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

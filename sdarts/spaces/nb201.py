@@ -62,6 +62,11 @@ class ClassicCell(nn.Module):
         return nodes[-1]
 
 
+def _per_channel(w: torch.Tensor, C: int) -> torch.Tensor:
+    """[k] edge weights -> [k*C], each repeated over its edge's C channels (no device sync)."""
+    return w.unsqueeze(1).expand(-1, C).contiguous().view(-1)
+
+
 class FusedCell(nn.Module):
     """NB201 search cell with per-source-node shared work (same function as `ClassicCell`).
 
@@ -80,6 +85,8 @@ class FusedCell(nn.Module):
         self.bn1 = nn.ModuleList(nn.BatchNorm2d((NODES - 1 - j) * C, affine=False) for j in range(NODES - 1))
         self.idx = {name: k for k, name in enumerate(NB201_OPS)}
         self.out_edges = [[EDGE_NAMES.index(f"{i}<-{j}") for i in range(j + 1, NODES)] for j in range(NODES - 1)]
+        for j, rows in enumerate(self.out_edges):  # device-resident, so indexing needs no host copy
+            self.register_buffer(f"out_idx{j}", torch.tensor(rows), persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         C, ix = self.C, self.idx
@@ -90,10 +97,12 @@ class FusedCell(nn.Module):
         for j in range(NODES - 1):
             if j > 0:
                 node = acc[j]
-            w = weights[self.out_edges[j]]  # [k, ops]: the edges leaving j, (j+1)<-j first
+            # [k, ops]: the edges leaving j, (j+1)<-j first (a device-resident index: no host-to-device
+            # copy, so the step stays capturable in a CUDA graph)
+            w = weights.index_select(0, getattr(self, f"out_idx{j}"))
             r = F.relu(node)
-            c3 = weighted_bn(self.conv3[j](r), self.bn3[j], w[:, ix["nor_conv_3x3"]].repeat_interleave(C)).split(C, 1)
-            c1 = weighted_bn(self.conv1[j](r), self.bn1[j], w[:, ix["nor_conv_1x1"]].repeat_interleave(C)).split(C, 1)
+            c3 = weighted_bn(self.conv3[j](r), self.bn3[j], _per_channel(w[:, ix["nor_conv_3x3"]], C)).split(C, 1)
+            c1 = weighted_bn(self.conv1[j](r), self.bn1[j], _per_channel(w[:, ix["nor_conv_1x1"]], C)).split(C, 1)
             pooled = avg_pool_3x3(node)
             for k, i in enumerate(range(j + 1, NODES)):
                 out = w[k, ix["skip_connect"]] * node + w[k, ix["avg_pool_3x3"]] * pooled + c3[k] + c1[k]
