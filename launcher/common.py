@@ -70,8 +70,13 @@ def setup_logging(all_ranks: bool = False) -> None:
     with contextlib.suppress(ImportError):
         from deepspeed.utils import logger as ds_logger
         ds_logger.setLevel(logging.WARNING)
-        # DeepSpeed's handler keeps the stderr of the moment it was imported; an entry point called
-        # again in the same process (tests, notebooks) must not write to a stream closed since
-        for h in ds_logger.handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                h.setStream(sys.stderr)
+    # Library handlers (DeepSpeed's among them) keep the stderr of the moment they were made; an entry
+    # point called again in one process (tests, notebooks) must not write to a stream closed since.
+    # Plain assignment: setStream would flush the old, closed, stream first.
+    loggers = [logging.getLogger()] + [l for l in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(l, logging.Logger)]
+    for lg in loggers:
+        for h in lg.handlers:
+            if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
+                with h.lock:
+                    h.stream = sys.stderr
