@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -73,8 +74,16 @@ def build_model(case: str, base: str, mods: set[str]):
     return model, channels_last
 
 
+@functools.lru_cache(maxsize=2)
+def _batches(case: str, batch: int):
+    """4 real batches (cached: on CUDA all variants of a case run in this process)."""
+    if case == "darts_imagenet":  # imagenet-sample/train holds one JPEG per class: 1000 images
+        return common.imagenet_batches(max(1, min(4, 1000 // batch)), batch)
+    return common.cifar_batches(4, batch)
+
+
 def run_one(case: str, variant: str, device: str, precision: str, steps: int, warmup: int,
-            threads: int) -> dict:
+            threads: int, imagenet_batch: int = 0) -> dict:
     """Builds one supernet and times `steps` training steps after `warmup` untimed ones."""
     import torch
     import torch.nn.functional as F
@@ -86,10 +95,8 @@ def run_one(case: str, variant: str, device: str, precision: str, steps: int, wa
     base, mods = parse_variant(variant)
     if "graphs" in mods and (device != "cuda" or case != "nb201"):
         raise SystemExit("error: +graphs needs --device cuda and the nb201 case")
-    batch = 64 if case != "darts_imagenet" or device == "cuda" else 16
-    n_batches = 4
-    data = (common.imagenet_batches(n_batches, batch) if case == "darts_imagenet"
-            else common.cifar_batches(n_batches, batch))
+    batch = 64 if case != "darts_imagenet" else (imagenet_batch or (64 if device == "cuda" else 16))
+    data = _batches(case, batch)
     torch.manual_seed(0)
     model, channels_last = build_model(case, base, mods)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -167,7 +174,7 @@ def run_one(case: str, variant: str, device: str, precision: str, steps: int, wa
 def run_subprocess(case: str, variant: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, variant, "--device", args.device,
            "--precision", args.precision, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads), "--imagenet-batch", str(args.imagenet_batch)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default: cpu 4, cuda 20)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: cpu 1, cuda 5)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or os.cpu_count())
+    ap.add_argument("--imagenet-batch", type=int, default=0,
+                    help="batch of the darts_imagenet case (default: 16 on cpu, 64 on cuda)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times (CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the default variant")
     ap.add_argument("--cuda-graphs", action="store_true", help="CUDA-graph the default variant (nb201, cuda)")
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         case, variant = args.worker
         print(json.dumps(run_one(case, variant, args.device, args.precision, args.steps, args.warmup,
-                                 args.threads)))
+                                 args.threads, args.imagenet_batch)))
         return 0
 
     cases = [c for c in args.cases.split(",") if c]
@@ -244,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                     real = v + extra + ("+graphs" if args.cuda_graphs and case == "nb201" else "")
                 if args.device == "cuda":
                     try:
-                        res = run_one(case, real, "cuda", args.precision, args.steps, args.warmup, args.threads)
+                        res = run_one(case, real, "cuda", args.precision, args.steps, args.warmup, args.threads,
+                                      args.imagenet_batch)
                     except Exception as e:  # one failing variant must not hide the others' numbers
                         res = {"error": f"{type(e).__name__}: {e}"[:300]}
                     finally:

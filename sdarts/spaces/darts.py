@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import DARTS_STEPS, DartsGenotype, darts_edges, derive_darts
-from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, weighted_bn
+from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, dense_grad, weighted_bn
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, darts_op
 
 EDGES = darts_edges()
@@ -161,7 +161,7 @@ class FusedSearchCell(nn.Module):
                 i = EDGES[e][0]
                 acc[i] = out if acc[i] is None else acc[i] + out
         states.append(acc[-1])
-        return torch.cat(states[2:], dim=1)
+        return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
 
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor,
                            w: torch.Tensor) -> torch.Tensor:
