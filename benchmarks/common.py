@@ -69,8 +69,10 @@ def imagenet_batches(n_batches: int, batch: int, size: int = 224, root: Path | N
         ys.append(label)
         if len(xs) == n:
             break
-    if len(xs) < n:
-        raise SystemExit(f"error: {root} holds only {len(xs)} usable JPEGs, {n} needed")
+    if len(xs) < batch:
+        raise SystemExit(f"error: {root} holds only {len(xs)} usable JPEGs, at least {batch} needed")
+    n_batches = min(n_batches, len(xs) // batch)  # a trimmed copy (the GPU check carries 128) gives fewer
+    xs, ys = xs[:n_batches * batch], ys[:n_batches * batch]
     x = _normalize(torch.stack(xs), IMAGENET_MEAN, IMAGENET_STD)
     y = torch.tensor(ys, dtype=torch.int64)
     return [(x[k * batch:(k + 1) * batch].contiguous(), y[k * batch:(k + 1) * batch].contiguous())

@@ -117,6 +117,9 @@ class EngineConfig(_Strict):
     autocast: bool = True
     #: 'auto' picks cuda when available
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: record the supernet's training forward+backward as CUDA graphs (sdarts/graphs.py): pays where
+    #: the step is launch-bound (NB201 at batch 64); CUDA only, fp32 or bf16
+    cuda_graphs: bool = False
 
 
 class CheckpointConfig(_Strict):
@@ -166,6 +169,14 @@ class SearchConfig(_Strict):
                 raise ValueError("strategy: bilevel_second_order runs in fp32 only (precision must be fp32)")
             if self.engine.zero_stage != 0:
                 raise ValueError("strategy: bilevel_second_order needs engine.zero_stage 0")
+        if self.engine.cuda_graphs:
+            if self.strategy == "bilevel_second_order":
+                raise ValueError("engine.cuda_graphs: strategy bilevel_second_order perturbs weights between "
+                                 "passes; use it without graphs")
+            if self.precision == "fp16":
+                raise ValueError("engine.cuda_graphs: fp16 (dynamic loss scaling) is not supported; use bf16 or fp32")
+            if self.model.checkpoint_cells:
+                raise ValueError("engine.cuda_graphs: model.checkpoint_cells cannot be recorded; turn one off")
         return self
 
 

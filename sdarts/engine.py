@@ -107,6 +107,10 @@ class SearchEngine:
             for b in self.engine.module.buffers():
                 if b.is_floating_point():
                     b.data = b.data.to(self.input_dtype)
+        if cfg.engine.cuda_graphs and torch.device(self.device).type != "cuda":
+            raise ValueError(f"engine.cuda_graphs needs a CUDA device; this run is on {torch.device(self.device).type}")
+        # recorded at the first forward, when the real batch shape is known (sdarts/graphs.py)
+        self._graph_pending = cfg.engine.cuda_graphs
 
     # -- the step -----------------------------------------------------------------------------
     @property
@@ -116,6 +120,11 @@ class SearchEngine:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_dtype is not None:
             x = x.to(self.input_dtype)
+        if self._graph_pending:
+            self._graph_pending = False
+            from sdarts.graphs import install
+            amp = self.cfg.precision == "bf16" and self.cfg.engine.autocast
+            install(self.engine.module, x, torch.bfloat16 if amp else None)
         return self.engine(x)
 
     def backward(self, loss: torch.Tensor) -> None:

@@ -77,7 +77,9 @@ class TensorLoader:
         return perm, offs, flips
 
     def __iter__(self) -> Iterator[Batch]:
-        perm, offs, flips = self._epoch_plan()
+        # the plan goes to the device once per epoch: each batch is then indexed there, with no
+        # host-to-device copy per step (on a GPU the NB201 step is short enough for that to show)
+        perm, offs, flips = (t.to(self.device) for t in self._epoch_plan())
         while self.position < len(self):
             k = self.position
             step, micro = divmod(k, self.accum)
@@ -88,10 +90,10 @@ class TensorLoader:
             yield self._make(idx, offs[idx], flips[idx])
 
     def _make(self, idx: torch.Tensor, offs: torch.Tensor, flips: torch.Tensor) -> Batch:
-        dev_idx = idx.to(self.device)
+        dev_idx = idx
         x = self.images[dev_idx].float()
         if self.augment:
-            x = self._crop_flip(x, offs.to(self.device), flips.to(self.device))
+            x = self._crop_flip(x, offs, flips)
         x = (x - self.mean) / self.std
         if self.augment and self.cutout > 0:
             x = self._apply_cutout(x, dev_idx)
@@ -116,9 +118,10 @@ class TensorLoader:
         if self._cutout_epoch != self.epoch:
             g = torch.Generator().manual_seed(hash((self.seed, self.salt, self.epoch, 7919)) & 0x7FFFFFFFFFFF)
             self._cutout_centers = torch.stack([torch.randint(0, H, (len(self.labels),), generator=g),
-                                                torch.randint(0, W, (len(self.labels),), generator=g)], 1)
+                                                torch.randint(0, W, (len(self.labels),), generator=g)], 1
+                                               ).to(x.device)
             self._cutout_epoch = self.epoch
-        c = self._cutout_centers[dev_idx.cpu()].to(x.device)
+        c = self._cutout_centers[dev_idx]
         half = self.cutout // 2
         rows = torch.arange(H, device=x.device).view(1, H)
         cols = torch.arange(W, device=x.device).view(1, W)

@@ -1,0 +1,101 @@
+"""`engine.cuda_graphs`: refused where it cannot work (CPU here), and on a GPU the recorded step must
+follow the eager one (the CUDA tests skip on CPU machines; the device check runs them)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import run_cli
+from sdarts.config import ConfigError, SearchConfig, build
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("override, culprit", [
+    ("strategy=bilevel_second_order", "bilevel_second_order"),
+    ("precision=fp16", "fp16"),
+    ("model.checkpoint_cells=true", "checkpoint_cells"),
+])
+def test_incompatible_settings_are_refused(override, culprit):
+    with pytest.raises((ConfigError, ValueError)) as e:
+        build(SearchConfig, {}, ["engine.cuda_graphs=true", override])
+    assert "engine.cuda_graphs" in str(e.value) and culprit in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cpu_run_exits_2_naming_the_key(tmp_path):
+    r = run_cli(["launcher/search.py", "--config", "configs/search/smoke.yaml", "--run-dir", str(tmp_path / "r"),
+                 "--set", "engine.cuda_graphs=true", "--set", "log.progress=false"], timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert "engine.cuda_graphs" in lines[-1] and "CUDA" in lines[-1]
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def _pair(impl: str = "fused"):
+    from sdarts.spaces.nb201 import NB201Supernet
+    nets = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(3)
+        nets.append(NB201Supernet(8, 2, 10, "softmax", 0.0, 1e-3, impl=impl, generator=g).cuda())
+    return nets
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["fused", "classic"])
+def test_recorded_steps_follow_eager_steps(impl):
+    """Five SGD steps on real-shaped batches: logits, alphas, weights and BN statistics of the graphed
+    net stay with the eager one; another batch size and eval mode run eagerly."""
+    from sdarts.graphs import install
+    from sdarts.optim import CombinedOptimizer
+    torch.backends.cudnn.deterministic = True
+    eager, graphed = _pair(impl)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(16, 3, 32, 32, device="cuda", generator=gen) for _ in range(5)]
+    ys = [torch.randint(0, 10, (16,), device="cuda", generator=gen) for _ in range(5)]
+    assert install(graphed, xs[0])
+    opts = [CombinedOptimizer(n.get_weights(), n.get_alphas(), w_lr=0.05, w_momentum=0.9, w_weight_decay=3e-4,
+                              w_nesterov=False, alpha_rule="adam", alpha_lr=3e-3, grad_clip=5.0)
+            for n in (eager, graphed)]
+    for x, y in zip(xs, ys):
+        outs = []
+        for net, opt in zip((eager, graphed), opts):
+            opt.zero_grad(set_to_none=True)
+            out = net(x)
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            outs.append(out.detach().clone())
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-3, atol=1e-3)
+    for a, b in zip(eager.get_alphas(), graphed.get_alphas()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+    assert max((a - a0).abs().max().item() for a, a0 in zip(graphed.get_alphas(), _pair(impl)[0].get_alphas())) > 0
+    for a, b in zip(eager.get_weights(), graphed.get_weights()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    for a, b in zip(eager.buffers(), graphed.buffers()):
+        torch.testing.assert_close(b.float(), a.float(), rtol=1e-3, atol=1e-3)
+    x8 = xs[0][:8]
+    torch.testing.assert_close(graphed(x8), eager(x8), rtol=1e-3, atol=1e-3)  # other shape: eager path
+    eager.eval(), graphed.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(xs[1]), eager(xs[1]), rtol=1e-3, atol=1e-3)
+
+
+@cuda
+def test_search_with_graphs_matches_eager_search(tmp_path):
+    """The real launcher on the GPU, graphed and eager: same genotype trajectory, alphas within float noise."""
+    runs = {}
+    for name, flag in (("eager", "false"), ("graphs", "true")):
+        r = run_cli(["launcher/search.py", "--config", "configs/search/smoke.yaml", "--run-dir", str(tmp_path / name),
+                     "--set", f"engine.cuda_graphs={flag}", "--set", "log.progress=false",
+                     "--set", "log.tensorboard=false"], timeout=600,
+                    env={"DS_ACCELERATOR": "cuda", "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0")})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "recording failed" not in r.stderr
+        lines = (tmp_path / name / "alphas.jsonl").read_text().splitlines()
+        runs[name] = json.loads(lines[-1])["weights"]
+    for edge, w in runs["eager"].items():
+        assert runs["graphs"][edge] == pytest.approx(w, abs=1e-4), edge
