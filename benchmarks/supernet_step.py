@@ -9,7 +9,8 @@ SGD on w with grad clipping, Adam on alpha; no DeepSpeed needed). Cases (issue 8
 Variants: `classic` (every op its own module, weighted sum of their outputs: the reference repos' form,
 the baseline) and `default` (what `ModelConfig()` builds). Experiments may name others:
 `fused`, `classic`, `default`, each optionally followed by `+cl` (channels_last), `+compile`
-(torch.compile), `+ckpt` (activation checkpointing per cell), `+graphs` (CUDA graphs, NB201 only).
+(torch.compile), `+ckpt` (activation checkpointing per cell), `+graphs` (CUDA graphs through `sdarts.graphs`,
+the search's `engine.cuda_graphs`).
 
 On CPU every (case, variant) runs in a fresh subprocess so that peak RSS is per case; variants of a
 case alternate (classic, default, classic, default, ... for `--rounds`), so noise from other jobs on
@@ -93,8 +94,8 @@ def run_one(case: str, variant: str, device: str, precision: str, steps: int, wa
         torch.set_num_threads(threads)
     dev = torch.device(device)
     base, mods = parse_variant(variant)
-    if "graphs" in mods and (device != "cuda" or case != "nb201"):
-        raise SystemExit("error: +graphs needs --device cuda and the nb201 case")
+    if "graphs" in mods and device != "cuda":
+        raise SystemExit("error: +graphs needs --device cuda")
     batch = 64 if case != "darts_imagenet" else (imagenet_batch or (64 if device == "cuda" else 16))
     data = _batches(case, batch)
     torch.manual_seed(0)
@@ -121,9 +122,10 @@ def run_one(case: str, variant: str, device: str, precision: str, steps: int, wa
         # CUDA graphs replay recorded casts: autocast's weight-cast cache must be off
         return torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled="graphs" not in mods)
 
-    if "graphs" in mods:
-        with autocast():
-            forward = torch.cuda.make_graphed_callables(model, (data[0][0],))
+    if "graphs" in mods:  # the product's path (engine.cuda_graphs), not a benchmark-only variant
+        from sdarts.graphs import install
+        if not install(model, data[0][0], torch.bfloat16 if amp else None):
+            raise RuntimeError("CUDA graph recording failed (the warning above says why)")
 
     def step(x, y):
         with autocast():
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="batch of the darts_imagenet case (default: 16 on cpu, 64 on cuda)")
     ap.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times (CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the default variant")
-    ap.add_argument("--cuda-graphs", action="store_true", help="CUDA-graph the default variant (nb201, cuda)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="CUDA-graph the default variant (cuda)")
     ap.add_argument("--channels-last", action="store_true", help="channels_last for the default variant")
     ap.add_argument("--worker", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             for v in order:
                 real = v
                 if v == "default":
-                    real = v + extra + ("+graphs" if args.cuda_graphs and case == "nb201" else "")
+                    real = v + extra + ("+graphs" if args.cuda_graphs else "")
                 if args.device == "cuda":
                     try:
                         res = run_one(case, real, "cuda", args.precision, args.steps, args.warmup, args.threads,

@@ -107,10 +107,12 @@ class SearchEngine:
             for b in self.engine.module.buffers():
                 if b.is_floating_point():
                     b.data = b.data.to(self.input_dtype)
-        if cfg.engine.cuda_graphs and torch.device(self.device).type != "cuda":
-            raise ValueError(f"engine.cuda_graphs needs a CUDA device; this run is on {torch.device(self.device).type}")
+        dev_type = torch.device(self.device).type
+        if cfg.engine.cuda_graphs is True and dev_type != "cuda":
+            raise ValueError(f"engine.cuda_graphs needs a CUDA device; this run is on {dev_type} "
+                             f"(set it to auto or false)")
         # recorded at the first forward, when the real batch shape is known (sdarts/graphs.py)
-        self._graph_pending = cfg.engine.cuda_graphs
+        self._graph_pending = cfg.cuda_graphs_on(dev_type)
 
     # -- the step -----------------------------------------------------------------------------
     @property

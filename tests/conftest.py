@@ -28,7 +28,9 @@ def need_data(*parts: str) -> Path:
 def run_cli(args: list[str], timeout: int = 600, env: dict | None = None, cwd: Path = ROOT
             ) -> subprocess.CompletedProcess:
     """Runs a command of this repo (e.g. ['launcher/search.py', ...]) with this interpreter."""
-    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    # the repo first, then whatever the caller's path held (the GPU check puts carried wheels there)
+    e = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+             PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p))
     # a test that set up DeepSpeed in this process left its rendezvous in the environment; children
     # must make their own or they collide on the port
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

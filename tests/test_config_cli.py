@@ -39,6 +39,7 @@ BAD = [
     (["--set", "strategy=trilevel"], "strategy"),
     (["--set", "arch.init=ln"], "arch.init"),
     (["--set", "nolevel"], "nolevel"),
+    (["--set", "engine.cuda_graphs=maybe"], "engine.cuda_graphs"),
     (["--set", "data.dataset=cifar10", "--set", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
 ]
 

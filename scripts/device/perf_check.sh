@@ -3,11 +3,12 @@
 # Carry: .whl (deepspeed + deps for py3.12) and .gpu (cifar10_jpeg.npz from cifar_pack.py, nb201_accuracies.csv.gz,
 # imagenet-sample/train with >= 128 JPEGs, one per class folder).
 #   bash scripts/device/perf_check.sh [SECONDS]     # SECONDS: wall budget for everything (default 560)
-# Order: CUDA-graph tests, the supernet step benchmark (classic vs default, bf16; NB201 graphs in fp32), then the
+# Measured 2026-11-28 on an H200 (docs/performance.md). Order: CUDA-graph tests, the supernet step benchmark, then the
 # full NB201 search (50 epochs, 25k images, batch 64, CIFAR on the GPU) with what is left; its per-epoch times
 # give the 50-epoch wall time even when the budget cuts it short.
 set -u
 BUDGET=${1:-560}
+PHASES=${PHASES:-tests bench search}   # which parts run
 OUT=${OUT:-/tmp/perf_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda SDARTS_SHARED=/tmp/shared
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -21,25 +22,32 @@ python3 scripts/device/cifar_pack.py unpack .gpu/cifar10_jpeg.npz /tmp/shared/da
 echo "setup done at $(el)s"
 
 # 1. correctness of the recorded step on this GPU (model level, then the real launcher graphed vs eager)
-timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/pytest_graphs.txt" 2>&1
-echo "pytest graphs rc=$? at $(el)s"; tail -3 "$OUT/pytest_graphs.txt"
+if [[ " $PHASES " == *" tests "* ]]; then
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graphs.py > "$OUT/pytest_graphs.txt" 2>&1
+  echo "pytest graphs rc=$? at $(el)s"; tail -3 "$OUT/pytest_graphs.txt"
+fi
 
-# 2. supernet step: classic vs default (and fused NCHW) in bf16, all three cases; NB201 with CUDA graphs in fp32
-timeout 130 python3 benchmarks/supernet_step.py --device cuda --precision bf16 --variants classic,default,fused \
-    --steps 20 --warmup 5 > "$OUT/bench_bf16.txt" 2>&1
-echo "bench bf16 rc=$? at $(el)s"; tail -2 "$OUT/bench_bf16.txt"
-timeout 60 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \
-    --variants classic,default,default+graphs --steps 40 --warmup 5 > "$OUT/bench_nb201_fp32.txt" 2>&1
-echo "bench nb201 fp32 rc=$? at $(el)s"; tail -2 "$OUT/bench_nb201_fp32.txt"
+# 2. supernet step, bf16: the DARTS ImageNet supernet first (the open target), classic vs default vs graphed;
+#    then NB201 in fp32 with graphs
+if [[ " $PHASES " == *" bench "* ]]; then
+  timeout ${BENCH_S:-200} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
+      --cases darts_imagenet,darts_cifar --variants classic,default,default+graphs,fused+graphs \
+      --steps 10 --warmup 3 > "$OUT/bench_bf16.txt" 2>&1
+  echo "bench bf16 rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16.txt"
+  timeout 60 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \
+      --variants classic,default,default+graphs --steps 40 --warmup 5 > "$OUT/bench_nb201_fp32.txt" 2>&1
+  echo "bench nb201 fp32 rc=$? at $(el)s"; tail -2 "$OUT/bench_nb201_fp32.txt"
+fi
 
-# 3. the full NB201 search, Single-DARTS defaults, CIFAR held and augmented on the GPU, graphed step
+# 3. the full NB201 search, Single-DARTS defaults, CIFAR held and augmented on the GPU, graphed step (auto)
+[[ " $PHASES " == *" search "* ]] || { echo "done at $(el)s"; exit 0; }
 RUNS=/tmp/runs; mkdir -p $RUNS
 BASE=(--config configs/search/nb201_cifar10.yaml --set data.root=/tmp/shared/data/cifar10-wds
       --set "nb201_table=$PWD/.gpu/nb201_accuracies.csv.gz" --set log.progress=false --set log.every_steps=100
       --set log.tensorboard=false)
 LIMIT=$(( BUDGET - $(el) - 10 ))
 echo "search gets ${LIMIT}s"
-timeout $LIMIT python3 launcher/search.py "${BASE[@]}" --set engine.cuda_graphs=true --run-dir $RUNS/nb201_graphs \
+timeout $LIMIT python3 launcher/search.py "${BASE[@]}" --set engine.cuda_graphs=auto --run-dir $RUNS/nb201_graphs \
     > $RUNS/nb201_graphs.log 2>&1
 rc=$?; echo "search (graphs) rc=$rc at $(el)s"
 if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $(( BUDGET - $(el) )) -gt 90 ]; then  # recording broke: measure eager
