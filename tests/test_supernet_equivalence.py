@@ -241,3 +241,25 @@ def test_weighted_bn_is_scaled_bn_even_for_an_expanded_scale(channels_last):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(bn_a.running_var, bn_b.running_var)
     assert bn_a.num_batches_tracked.item() == bn_b.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("reduction", [False, True])
+def test_fused_darts_cell_with_a_reordered_op_subset(reduction):
+    """The fused cell cuts edge weights by op name (scalars for pools/skip, BN scales for convs), so an
+    op list in another order, without `none` or one pool, must still match the classic cell."""
+    ops = ("skip_connect", "dil_conv_3x3", "avg_pool_3x3", "sep_conv_3x3")
+    torch.manual_seed(0)
+    classic = SearchCell(8, 8, 4, reduction, False, ops).double()
+    fused = FusedSearchCell(8, 8, 4, reduction, False, ops).double()
+    fused.load_from_classic(classic)
+    g = torch.Generator().manual_seed(5)
+    s0, s1 = (torch.randn(3, 8, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.softmax(torch.randn(14, len(ops), generator=g, dtype=torch.float64), -1)
+    outs, grads = [], []
+    for cell in (classic, fused):
+        wi = w.clone().requires_grad_(True)
+        out = cell(s0, s1, wi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        outs.append(out.detach()), grads.append(wi.grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-10)

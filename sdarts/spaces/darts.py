@@ -115,9 +115,30 @@ class FusedSearchCell(nn.Module):
         self.pool_bn = nn.ModuleList(
             nn.ModuleDict({n: nn.BatchNorm2d(C, affine=False) for n in op_names if "pool" in n}) for _ in sources)
         self.k = {n: k for k, n in enumerate(op_names)}
+        # edge weights are cut per cell in two groups: scalars (pools, identity skip) multiply an output,
+        # per-channel scales (parametric ops) go into their last BN; index buffers keep the cut on the
+        # device (a Python-list index would be a host-to-device copy per step, and not CUDA-graph safe)
+        scalar = [n for n in self.op_names if "pool" in n or n == "skip_connect"]
+        scaled = [n for n in self.op_names if n in CONV_OPS]
+        self.scalar_at = {n: i for i, n in enumerate(scalar)}
+        self.scaled_at = {n: i for i, n in enumerate(scaled)}
+        self.register_buffer("scalar_idx", torch.tensor([self.k[n] for n in scalar], dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("scaled_idx", torch.tensor([self.k[n] for n in scaled], dtype=torch.long),
+                             persistent=False)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         k, C = self.k, self.C
+        # Every weight the cell needs is cut once per cell with `index_select` + `unbind` (one op each,
+        # one `stack` backward), where indexing weights[e][k] op by op cost a select, a select_backward
+        # and a gradient accumulation each (~2700 ops per step in the 8-cell supernet), and each BN
+        # scale an expand + copy + sum: one expanded copy per cell now serves them all.
+        scalar_rows = weights.index_select(1, self.scalar_idx).unbind(0)
+        scale_rows = weights.index_select(1, self.scaled_idx).unsqueeze(-1).expand(-1, -1, C).contiguous().unbind(0)
+        fr_rows = None
+        if self.reduction and "skip_connect" in k:  # the strided skip (FactorizedReduce) scales its BN
+            fr_rows = weights[:, k["skip_connect"]].unsqueeze(-1).expand(-1, C).contiguous().unbind(0)
+        sa, ca = self.scalar_at, self.scaled_at
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
         for j, out_edges in enumerate(self.out_edges):
@@ -137,9 +158,10 @@ class FusedSearchCell(nn.Module):
                 # r[2a+1, 2b+1], zero past the edge: the same as a 1x1 conv of this quarter-size view
                 shifted = r[:, :, 1::2, 1::2]
             for e in out_edges:
-                w = weights[e]
+                w = scalar_rows[e].unbind(0)
+                scale = scale_rows[e].unbind(0)
                 ops = self.edges[e].ops
-                terms = [w[k[n]] * p for n, p in pooled.items()]
+                terms = [w[sa[n]] * p for n, p in pooled.items()]
                 for name in self.op_names:
                     if name in CONV_OPS:
                         op = ops[k[name]]
@@ -149,12 +171,12 @@ class FusedSearchCell(nn.Module):
                             first = op[0]
                             h = F.relu(first[3](first[2](first[1](h))))
                         h = last[2](last[1](h))
-                        terms.append(weighted_bn(h, last[3], w[k[name]].expand(C).contiguous()))
+                        terms.append(weighted_bn(h, last[3], scale[ca[name]]))
                     elif name == "skip_connect":
                         if stride == 1:
-                            terms.append(w[k[name]] * x)
+                            terms.append(w[sa[name]] * x)
                         else:
-                            terms.append(self._factorized_reduce(ops[k[name]], r, shifted, w[k[name]]))
+                            terms.append(self._factorized_reduce(ops[k[name]], r, shifted, fr_rows[e]))
                 out = terms[0]
                 for t in terms[1:]:
                     out = out + t
@@ -164,12 +186,13 @@ class FusedSearchCell(nn.Module):
         return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
 
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor,
-                           w: torch.Tensor) -> torch.Tensor:
+                           scale: torch.Tensor) -> torch.Tensor:
+        """The strided skip (FactorizedReduce) with its BN scaled by the edge weight (`scale`: [C])."""
         a = fr.conv_1(r)
         b = F.conv2d(shifted, fr.conv_2.weight)
         if b.shape[-2:] != a.shape[-2:]:  # odd input size: the offset path lacks the last row/column
             b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
-        return weighted_bn(torch.cat([a, b], dim=1), fr.bn, w.expand(self.C).contiguous())
+        return weighted_bn(torch.cat([a, b], dim=1), fr.bn, scale)
 
     @torch.no_grad()
     def load_from_classic(self, classic: "SearchCell") -> None:
