@@ -8,7 +8,7 @@
 # give the 50-epoch wall time even when the budget cuts it short.
 set -u
 BUDGET=${1:-560}
-PHASES=${PHASES:-tests bench search}   # which parts run
+PHASES=${PHASES:-tests bench search}   # which parts run; BENCH_EXTRA: more benchmark flags (--imagenet-batch 90)
 OUT=${OUT:-/tmp/perf_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=/tmp/site:$PWD DS_ACCELERATOR=cuda SDARTS_SHARED=/tmp/shared
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -31,7 +31,7 @@ fi
 #    then NB201 in fp32 with graphs
 if [[ " $PHASES " == *" bench "* ]]; then
   timeout ${BENCH_S:-200} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
-      --cases darts_imagenet,darts_cifar --variants classic,default,default+graphs,fused+graphs \
+      --cases darts_imagenet,darts_cifar --variants classic,default,default+graphs,fused+graphs ${BENCH_EXTRA:-} \
       --steps 10 --warmup 3 > "$OUT/bench_bf16.txt" 2>&1
   echo "bench bf16 rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16.txt"
   timeout 60 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \
