@@ -170,23 +170,27 @@ class SearchConfig(_Strict):
                 raise ValueError("strategy: bilevel_second_order runs in fp32 only (precision must be fp32)")
             if self.engine.zero_stage != 0:
                 raise ValueError("strategy: bilevel_second_order needs engine.zero_stage 0")
-        if self.engine.cuda_graphs is True:
-            if self.strategy == "bilevel_second_order":
-                raise ValueError("engine.cuda_graphs: strategy bilevel_second_order perturbs weights between "
-                                 "passes; use it without graphs")
-            if self.precision == "fp16":
-                raise ValueError("engine.cuda_graphs: fp16 (dynamic loss scaling) is not supported; use bf16 or fp32")
-            if self.model.checkpoint_cells:
-                raise ValueError("engine.cuda_graphs: model.checkpoint_cells cannot be recorded; turn one off")
+        if self.engine.cuda_graphs is True and self._graphs_blocked_by():
+            raise ValueError(f"engine.cuda_graphs: {self._graphs_blocked_by()}")
         return self
 
+    def _graphs_blocked_by(self) -> str | None:
+        """Why these settings cannot record the step as CUDA graphs (None: they can)."""
+        if self.strategy == "bilevel_second_order":
+            return "strategy bilevel_second_order perturbs weights between passes; use it without graphs"
+        if self.precision == "fp16":
+            return "fp16 (dynamic loss scaling) is not supported; use bf16 or fp32"
+        if self.model.checkpoint_cells:
+            return "model.checkpoint_cells cannot be recorded; turn one off"
+        return None
+
     def cuda_graphs_on(self, device_type: str) -> bool:
-        """Whether the search records its step (`engine.cuda_graphs`; 'auto' resolved for this device)."""
+        """Whether the search records its step (`engine.cuda_graphs`; 'auto' resolved for this device:
+        on for NB201 on CUDA, the path measured and tested on a GPU)."""
         g = self.engine.cuda_graphs
         if g != "auto":
             return bool(g)
-        return (device_type == "cuda" and self.space == "nb201" and self.strategy != "bilevel_second_order"
-                and self.precision != "fp16" and not self.model.checkpoint_cells)
+        return device_type == "cuda" and self.space == "nb201" and self._graphs_blocked_by() is None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

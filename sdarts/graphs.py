@@ -1,8 +1,8 @@
 """CUDA graphs for the supernet's training forward and backward (`engine.cuda_graphs`).
 
 Why: the NB201 supernet at the paper's batch of 64 is tiny work per kernel (32x32, 16-64 channels),
-so on a GPU a step costs what Python, autograd and ~2000 kernel launches cost, not what the kernels
-cost. A recorded graph replays the whole forward (and, through autograd, the whole backward) with one
+so on a GPU a step costs what Python, autograd and dispatching ~4400 ops cost (forward + backward,
+`benchmarks/dispatch_count.py`), not what the kernels cost (an H200 ran it 8.4x faster recorded). A recorded graph replays the whole forward (and, through autograd, the whole backward) with one
 launch each. The optimizer step, the loss and DeepSpeed's bookkeeping stay eager, so accumulation,
 clipping, the all-reduce and checkpoints are unchanged.
 
@@ -68,5 +68,4 @@ def install(module: nn.Module, sample: torch.Tensor, autocast_dtype: torch.dtype
         return eager(module, x, *args, **kwargs)
 
     module.forward = forward  # instance attribute: state_dict, hooks and parameters are unaffected
-    module._sdarts_graphed = True
     return True

@@ -90,14 +90,13 @@ class TensorLoader:
             yield self._make(idx, offs[idx], flips[idx])
 
     def _make(self, idx: torch.Tensor, offs: torch.Tensor, flips: torch.Tensor) -> Batch:
-        dev_idx = idx
-        x = self.images[dev_idx].float()
+        x = self.images[idx].float()
         if self.augment:
             x = self._crop_flip(x, offs, flips)
         x = (x - self.mean) / self.std
         if self.augment and self.cutout > 0:
-            x = self._apply_cutout(x, dev_idx)
-        return Batch(x, self.labels[dev_idx], self.ids[dev_idx])
+            x = self._apply_cutout(x, idx)
+        return Batch(x, self.labels[idx], self.ids[idx])
 
     def _crop_flip(self, x: torch.Tensor, offs: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Per-sample pad-4 random crop and horizontal flip, vectorised with one gather."""
