@@ -27,14 +27,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 CASES = ("nb201", "darts_cifar", "darts_imagenet")
-VARIANTS = ("classic", "default")
+VARIANTS = ("classic", "default", "grouped")
 
 
 def build(case: str, variant: str):
     from sdarts.config import ModelConfig
     from sdarts.spaces.darts import DartsSupernet
     from sdarts.spaces.nb201 import NB201Supernet
-    impl = ModelConfig().impl if variant == "default" else "classic"
+    impl = ModelConfig().impl if variant == "default" else variant
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
     if case == "nb201":
@@ -43,7 +43,7 @@ def build(case: str, variant: str):
         m, size = DartsSupernet(16, 8, 10, "cifar", "softmax", 0.0, 1e-3, 3, g, impl=impl), 8
     else:
         m, size = DartsSupernet(16, 8, 1000, "imagenet", "sigmoid", -1.9459, 1e-3, 3, g, impl=impl), 32
-    if impl == "fused":  # the default's layout (ModelConfig.channels_last: auto = on for fused)
+    if impl != "classic":  # the auto layout (ModelConfig.channels_last unset: NHWC but for classic)
         m = m.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     y = torch.tensor([1, 2])
@@ -99,14 +99,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for case in cases:
         ops: dict[str, int] = {}
-        times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        variants = [v for v in VARIANTS if not (v == "grouped" and case == "nb201")]  # grouped: DARTS only
+        times = {v: [] for v in variants}
         for r in range(args.rounds):
-            for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+            for v in (variants if r % 2 == 0 else variants[::-1]):
                 n, ms = measure(case, v, args.steps)
                 ops[v] = n
                 times[v].append(ms)
         results[case] = {v: {"ops": ops[v], "ms_per_step": round(statistics.median(times[v]), 2),
-                             "rounds_ms": [round(t, 2) for t in times[v]]} for v in VARIANTS}
+                             "rounds_ms": [round(t, 2) for t in times[v]]} for v in variants}
     print(f"{'case':16s} {'variant':9s} {'ops/step':>9s} {'ms/step':>9s} {'ops x':>6s} {'time x':>7s}")
     for case, per in results.items():
         base = per["classic"]

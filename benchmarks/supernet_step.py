@@ -8,7 +8,7 @@ SGD on w with grad clipping, Adam on alpha; no DeepSpeed needed). Cases (issue 8
                   real ImageNet-sample JPEGs
 Variants: `classic` (every op its own module, weighted sum of their outputs: the reference repos' form,
 the baseline) and `default` (what `ModelConfig()` builds). Experiments may name others:
-`fused`, `classic`, `default`, each optionally followed by `+cl` (channels_last), `+compile`
+`fused` (the default cell in NCHW), `grouped` (DARTS: `impl: grouped`), `classic`, `default`, each optionally followed by `+cl` (channels_last), `+compile`
 (torch.compile), `+ckpt` (activation checkpointing per cell), `+graphs` (CUDA graphs through `sdarts.graphs`,
 the search's `engine.cuda_graphs`).
 
@@ -43,8 +43,8 @@ MODIFIERS = ("cl", "compile", "ckpt", "graphs")
 
 def parse_variant(v: str) -> tuple[str, set[str]]:
     base, *mods = v.split("+")
-    if base not in ("classic", "default", "fused"):
-        raise SystemExit(f"error: unknown variant {v!r}: base must be classic, default or fused")
+    if base not in ("classic", "default", "fused", "grouped"):
+        raise SystemExit(f"error: unknown variant {v!r}: base must be classic, default, fused or grouped")
     bad = [m for m in mods if m not in MODIFIERS]
     if bad:
         raise SystemExit(f"error: unknown variant modifier {bad[0]!r} in {v!r}; expected one of {MODIFIERS}")
@@ -58,8 +58,9 @@ def build_model(case: str, base: str, mods: set[str]):
     from sdarts.spaces.nb201 import NB201Supernet
     defaults = ModelConfig()
     impl = defaults.impl if base == "default" else base
-    auto_cl = defaults.channels_last if defaults.channels_last is not None else impl == "fused"
-    channels_last = "cl" in mods or (base == "default" and auto_cl)
+    auto_cl = defaults.channels_last if defaults.channels_last is not None else impl != "classic"
+    # `fused` is the default cell without the auto layout; `grouped` takes the auto layout, like default
+    channels_last = "cl" in mods or (base in ("default", "grouped") and auto_cl)
     ckpt = "ckpt" in mods or (base == "default" and getattr(defaults, "checkpoint_cells", False))
     g = torch.Generator().manual_seed(1)
     if case == "nb201":
@@ -250,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             order = names if r % 2 == 0 else names[::-1]
             for v in order:
+                if v.startswith("grouped") and case == "nb201":
+                    continue  # the grouped cell is the DARTS space's (NB201's fused cell groups already)
                 real = v
                 if v == "default":
                     real = v + extra + ("+graphs" if args.cuda_graphs else "")
@@ -270,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 per[v].append(res)
                 print(f"# {case:15s} {real:22s} " + (res.get("error") or
                       f"{res['images_per_s']:9.2f} img/s  {res['peak_mem_mb']:9.1f} MB"), file=sys.stderr, flush=True)
-        results[case] = {v: merge(rs) for v, rs in per.items()}
+        results[case] = {v: merge(rs) for v, rs in per.items() if rs}
 
     base = names[0]
     print(f"{'case':16s} {'variant':22s} {'images/s':>10s} {'peak MB':>10s} {'speed x':>8s} {'cpu x':>6s} {'mem x':>6s}")

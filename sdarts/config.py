@@ -73,10 +73,11 @@ class ModelConfig(_Strict):
     #: DARTS space stem: 'cifar' (3x3 conv) or 'imagenet' (three stride-2 convs, 8x downsampling)
     stem: Literal["cifar", "imagenet"] = "cifar"
     num_classes: int = Field(default=10, gt=1)
-    #: supernet implementation: 'fused' (default, fast) or 'classic' (op-by-op reference)
-    impl: Literal["fused", "classic"] = "fused"
-    #: NHWC activations and conv weights; unset = on for impl 'fused', off for 'classic' (NHWC made
-    #: the fused supernets ~1.5x faster on CPU, the classic one slower; docs/performance.md)
+    #: supernet implementation: 'fused' (default, fast), 'grouped' (DARTS space: a node's edges as grouped
+    #: convs, half the kernels of fused, ~15% slower on CPU) or 'classic' (op-by-op reference)
+    impl: Literal["fused", "grouped", "classic"] = "fused"
+    #: NHWC activations and conv weights; unset = on for impl 'fused'/'grouped', off for 'classic' (NHWC
+    #: made the fused supernets ~1.5x faster on CPU, the classic one slower; docs/performance.md)
     channels_last: Optional[bool] = None
     #: recompute each search cell in backward, keeping only its inputs (less memory, ~1 extra forward)
     checkpoint_cells: bool = False
@@ -170,6 +171,9 @@ class SearchConfig(_Strict):
                 raise ValueError("strategy: bilevel_second_order runs in fp32 only (precision must be fp32)")
             if self.engine.zero_stage != 0:
                 raise ValueError("strategy: bilevel_second_order needs engine.zero_stage 0")
+        if self.model.impl == "grouped" and self.space != "darts":
+            raise ValueError("model.impl: grouped is for the DARTS space (NB201's fused cell already groups "
+                             "its convs per node)")
         if self.engine.cuda_graphs is True and self._graphs_blocked_by():
             raise ValueError(f"engine.cuda_graphs: {self._graphs_blocked_by()}")
         return self

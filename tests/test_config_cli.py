@@ -40,6 +40,7 @@ BAD = [
     (["--set", "arch.init=ln"], "arch.init"),
     (["--set", "nolevel"], "nolevel"),
     (["--set", "engine.cuda_graphs=maybe"], "engine.cuda_graphs"),
+    (["--set", "model.impl=grouped"], "model.impl"),  # the smoke config is NB201: grouped is DARTS-only
     (["--set", "data.dataset=cifar10", "--set", "data.root=/nonexistent/cifar"], "/nonexistent/cifar"),
 ]
 

@@ -61,11 +61,12 @@ def _pair(space: str, impl: str):
 
 
 @cuda
-@pytest.mark.parametrize("space, impl", [("nb201", "fused"), ("nb201", "classic"), ("darts", "fused")])
+@pytest.mark.parametrize("space, impl", [("nb201", "fused"), ("nb201", "classic"), ("darts", "fused"),
+                                         ("darts", "grouped")])
 def test_recorded_steps_follow_eager_steps(space, impl):
     """Five SGD steps on real-shaped batches: logits, alphas, weights and BN statistics of the graphed
     net stay with the eager one; another batch size and eval mode run eagerly. (The NB201 cases passed
-    on an H200; the DARTS case is the check `engine.cuda_graphs: auto` needs before it covers DARTS.)"""
+    on an H200; the DARTS cases are the check `engine.cuda_graphs: auto` needs before it covers DARTS.)"""
     from sdarts.graphs import install
     from sdarts.optim import CombinedOptimizer
     torch.backends.cudnn.deterministic = True

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdarts.spaces.darts import DartsSupernet, FusedSearchCell, SearchCell
+from sdarts.spaces.darts import DartsSupernet, FusedSearchCell, GroupedSearchCell, SearchCell
 from sdarts.spaces.nb201 import ClassicCell, FusedCell, NB201Supernet
 from sdarts.spaces.ops import DARTS_OPS, NB201_OPS
 
@@ -36,8 +36,10 @@ def _make(space, impl, **kw):
 
 
 def _pair(space, dtype=torch.float64, **fused_kw):
+    """(classic, fast) supernets with the same weights; `space` may name the fast impl: "darts_cifar/grouped"."""
+    space, _, impl = space.partition("/")
     classic = _make(space, "classic").to(dtype)
-    fused = _make(space, "fused", **fused_kw).to(dtype)
+    fused = _make(space, impl or "fused", **fused_kw).to(dtype)
     load_classic_into(fused, classic)
     return classic, fused
 
@@ -55,7 +57,7 @@ def load_classic_into(fused: nn.Module, classic: nn.Module) -> None:
 
 def _inputs(space, B=6, seed=1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    size = 32 if space == "darts_imagenet" else 8
+    size = 32 if space.startswith("darts_imagenet") else 8
     return torch.randn(B, 3, size, size, generator=g).to(dtype), torch.randint(0, 10, (B,), generator=g)
 
 
@@ -74,6 +76,15 @@ def _op_weight_pairs(classic, fused):
             for name in ("preprocess0", "preprocess1"):
                 for pc, pf in zip(getattr(c, name).parameters(), getattr(f, name).parameters()):
                     pairs.append((pc, pf, slice(None)))
+            if isinstance(f, GroupedSearchCell):
+                for e, ce in enumerate(c.edges):
+                    for name, co in zip(f.op_names, ce.ops):
+                        grouped = f.op_param_slices(e, name)
+                        assert len(grouped) == len(list(co.parameters()))
+                        for pc, (pf, sl) in zip(co.parameters(), grouped):
+                            assert pf[sl].shape == pc.shape
+                            pairs.append((pc, pf, sl))
+                continue
             for ce, fe in zip(c.edges, f.edges):
                 for co, fo in zip(ce.ops, fe.ops):
                     for pc, pf in zip(co.parameters(), fo.parameters()):
@@ -98,6 +109,16 @@ def _bn_stat_pairs(classic, fused):
                     for e in out_edges:  # every classic copy equals the one shared BN
                         cb = c.edges[e].ops[DARTS_OPS.index(name)][1]
                         pairs += [(cb.running_mean, bn.running_mean), (cb.running_var, bn.running_var)]
+            if isinstance(f, GroupedSearchCell):
+                for e, ce in enumerate(c.edges):
+                    for name, co in zip(f.op_names, ce.ops):
+                        if "pool" in name:
+                            continue  # the shared pool BNs, above
+                        state = f.op_state(e, name)
+                        buffers = dict(co.named_buffers())
+                        assert buffers.keys() <= state.keys()
+                        pairs += [(b, state[n]) for n, b in buffers.items()]
+                continue
             for ce, fe in zip(c.edges, f.edges):
                 for co, fo in zip(ce.ops, fe.ops):
                     for (n1, b1), (n2, b2) in zip(co.named_buffers(), fo.named_buffers()):
@@ -146,7 +167,7 @@ def _assert_same(classic, fused, x, y, rtol, atol):
         _close(bf, bc, rtol, atol)
 
 
-SPACES = ["nb201", "darts_cifar", "darts_imagenet"]
+SPACES = ["nb201", "darts_cifar", "darts_imagenet", "darts_cifar/grouped", "darts_imagenet/grouped"]
 
 
 @pytest.mark.parametrize("space", SPACES)
@@ -181,7 +202,7 @@ def test_channels_last_fp32(space):
     _assert_same(classic, fused, x, y, rtol=None, atol=1e-4)
 
 
-@pytest.mark.parametrize("space", ["nb201", "darts_cifar"])
+@pytest.mark.parametrize("space", ["nb201", "darts_cifar", "darts_cifar/grouped"])
 def test_checkpointed_cells_same_gradients_and_stats(space):
     """Checkpointing recomputes each cell in backward: same gradients, BN statistics updated once."""
     classic, fused = _pair(space, checkpoint_cells=True)
@@ -243,14 +264,15 @@ def test_weighted_bn_is_scaled_bn_even_for_an_expanded_scale(channels_last):
     assert bn_a.num_batches_tracked.item() == bn_b.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("cell_cls", [FusedSearchCell, GroupedSearchCell])
 @pytest.mark.parametrize("reduction", [False, True])
-def test_fused_darts_cell_with_a_reordered_op_subset(reduction):
+def test_fused_darts_cell_with_a_reordered_op_subset(reduction, cell_cls):
     """The fused cell cuts edge weights by op name (scalars for pools/skip, BN scales for convs), so an
     op list in another order, without `none` or one pool, must still match the classic cell."""
     ops = ("skip_connect", "dil_conv_3x3", "avg_pool_3x3", "sep_conv_3x3")
     torch.manual_seed(0)
     classic = SearchCell(8, 8, 4, reduction, False, ops).double()
-    fused = FusedSearchCell(8, 8, 4, reduction, False, ops).double()
+    fused = cell_cls(8, 8, 4, reduction, False, ops).double()
     fused.load_from_classic(classic)
     g = torch.Generator().manual_seed(5)
     s0, s1 = (torch.randn(3, 8, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
@@ -263,3 +285,36 @@ def test_fused_darts_cell_with_a_reordered_op_subset(reduction):
         outs.append(out.detach()), grads.append(wi.grad)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-10)
+
+
+def test_grouped_darts_cell_op_param_slices():
+    """Analysis code reads an op's weights on an edge of the grouped cell as (grouped parameter, output-
+    channel slice): the slices have the classic op's shapes, parametric ops have weights, parameter-free
+    ops none, and the edges of one source node own disjoint blocks of the same parameters."""
+    torch.manual_seed(0)
+    classic = SearchCell(8, 8, 4, reduction=True, reduction_prev=False)
+    grouped = GroupedSearchCell(8, 8, 4, reduction=True, reduction_prev=False)
+    for e, edge in enumerate(classic.edges):
+        for name, co in zip(DARTS_OPS, edge.ops):
+            slices = grouped.op_param_slices(e, name)
+            assert [pf[sl].shape for pf, sl in slices] == [pc.shape for pc in co.parameters()]
+            strided_skip = name == "skip_connect" and e in grouped.out_edges[0] + grouped.out_edges[1]
+            assert bool(slices) == ("conv" in name or strided_skip), (e, name)
+    sep = [grouped.op_param_slices(e, "sep_conv_3x3") for e in grouped.out_edges[0]]
+    assert len({id(p) for s in sep for p, _ in s}) == len(sep[0])  # the same grouped parameters
+    assert sorted(s[0][1].start for s in sep) == [m * 4 for m in range(len(sep))]  # edge m: rows m*C:(m+1)*C
+
+
+@pytest.mark.parametrize("space", ["darts_cifar", "darts_cifar/grouped"])
+def test_gradcorr_reads_the_same_op_weights_as_in_the_classic_cell(space):
+    """Eq. 8 analysis (`gradcorr.param_map` + `weight_grads`) sees every parametric (edge, op) of a
+    normal and a reduction cell with the same gradient as in the classic cell."""
+    from sdarts.analysis.gradcorr import param_map, weight_grads
+    classic, fast = _pair(space)
+    assert [c.reduction for c in fast.search_cells()[:2]] == [False, True]
+    x, y = _inputs(space)
+    pc, pf = param_map(classic, [0, 1]), param_map(fast, [0, 1])
+    assert pc.keys() == pf.keys() and any(k[2] == "skip_connect" for k in pc)  # the strided skip
+    gc, gf = weight_grads(classic, x, y, pc), weight_grads(fast, x, y, pf)
+    for key in gc:  # float64 models, gradients handed out in fp32
+        torch.testing.assert_close(gf[key], gc[key], rtol=1e-6, atol=1e-12)

@@ -31,7 +31,7 @@ fi
 #    then NB201 in fp32 with graphs
 if [[ " $PHASES " == *" bench "* ]]; then
   timeout ${BENCH_S:-200} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
-      --cases darts_imagenet,darts_cifar --variants classic,default,default+graphs,fused+graphs ${BENCH_EXTRA:-} \
+      --cases darts_imagenet,darts_cifar --variants classic,default,default+graphs,grouped,grouped+graphs ${BENCH_EXTRA:-} \
       --steps 10 --warmup 3 > "$OUT/bench_bf16.txt" 2>&1
   echo "bench bf16 rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16.txt"
   timeout 60 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \

@@ -46,10 +46,14 @@ def op_param_slices(cell: nn.Module, edge: str, op: str, op_names: tuple[str, ..
                     edge_names: tuple[str, ...]) -> list[tuple[torch.Tensor, slice | None]]:
     """The weights of `op` on `edge` of `cell` as (parameter, output-channel slice or None) pairs.
 
-    FusedCell keeps the convs of all edges leaving node j in one wide conv (edge (j+1)<-j first), so
-    the op's weights are a slice of its output channels; a classic cell has one module per op.
+    NB201's FusedCell keeps the convs of all edges leaving node j in one wide conv (edge (j+1)<-j
+    first) and the DARTS GroupedSearchCell in grouped convs (its `op_param_slices`), so the op's
+    weights are a slice of their output channels; classic and DARTS fused cells have one module per op.
     """
+    from sdarts.spaces.darts import GroupedSearchCell
     from sdarts.spaces.nb201 import FusedCell
+    if isinstance(cell, GroupedSearchCell):
+        return cell.op_param_slices(edge_names.index(edge), op)
     if isinstance(cell, FusedCell):
         i, j = (int(s) for s in edge.split("<-"))
         k = i - j - 1

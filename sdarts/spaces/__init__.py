@@ -11,7 +11,7 @@ def build_supernet(cfg: SearchConfig) -> torch.nn.Module:
     g = torch.Generator().manual_seed(cfg.seed + 1)
     a = dict(activation=cfg.arch.activation, init=cfg.arch.init, init_std=cfg.arch.init_std, generator=g)
     m = cfg.model
-    channels_last = m.channels_last if m.channels_last is not None else m.impl == "fused"
+    channels_last = m.channels_last if m.channels_last is not None else m.impl != "classic"
     a.update(channels_last=channels_last, checkpoint_cells=m.checkpoint_cells)
     if cfg.space == "nb201":
         from sdarts.spaces.nb201 import NB201Supernet

@@ -6,7 +6,7 @@ reductions at 1/3 and 2/3 of the depth; each cell preprocesses its two inputs to
 FactorizedReduce when the previous cell reduced), sums MixedOps into 4 nodes and concatenates them.
 Pools are followed by an affine-free BN, as in DARTS, so their scale is comparable to the convs'.
 
-Two implementations of the cell compute the same function:
+Three implementations of the cell compute the same function:
 - `SearchCell` (`impl: classic`): one `MixedOp` per edge, every op its own module, the weighted sum of
   their outputs (the reference repos' form; the baseline and the equivalence test's ground truth);
 - `FusedSearchCell` (`impl: fused`, default): what only depends on the source node is computed once
@@ -15,9 +15,14 @@ Two implementations of the cell compute the same function:
   statistics, same output on every edge). Each op's last BN takes the edge weight as its affine scale
   (`fused.weighted_bn`), so weighted outputs are never stored; `none` is never computed. The
   per-edge conv modules are the same as in `MixedOp`, at the same positions (`edges[e].ops[k]`).
-  Grouping the depthwise convs of all edges of a node into one grouped conv was not adopted: its
-  output is channel-major ([c, edge]) while the per-edge pointwise convs need edge-major input, and
-  the transposing copy costs what the grouping saves (docs/performance.md).
+- `GroupedSearchCell` (`impl: grouped`, DARTS only): as fused, and each parametric op runs for all k
+  edges of a node at once, as grouped convs (`side_by_side`) on the ReLU'd input repeated k times,
+  edge-major, so each edge's pointwise conv reads its own contiguous channel block (a channel-multiplier
+  depthwise conv would emit [channel, edge] order and need a transposing copy); one BN over the k*C
+  channels is k per-edge BNs; the conv ops' outputs are summed per node before the edge split. About
+  half the kernels per step of `fused` (6.9k vs 12.3k), which is what bounds the step on a GPU
+  (docs/performance.md); on the CPU it is ~15% slower than `fused` (oneDNN's depthwise backward over
+  k*C channels is slower than k of them over C), so `fused` stays the default until a GPU says so.
 
 Options: `channels_last` (NHWC activations) and `checkpoint_cells` (recompute each cell in backward).
 """
@@ -212,6 +217,206 @@ class FusedSearchCell(nn.Module):
                 bn.load_state_dict(classic.edges[out_edges[0]].ops[self.k[name]][1].state_dict())
 
 
+def side_by_side(op: nn.Module, k: int) -> nn.Module:
+    """`k` copies of a DARTS conv op (`SepConv`/`DilConv`), one per edge, as one module of grouped convs.
+
+    Every conv gets k times its channels and groups (depthwise: kC groups; pointwise: k groups of
+    C -> C) and every BN k times its channels, so copy m is channel block m throughout: fed the input
+    repeated k times (edge-major channels), block m of the output is edge m's op. One call per conv
+    for all edges of a node instead of one per edge is the point: the GPU step is bound by the number
+    of kernels, not by arithmetic. Parameter names stay the op's (`load_from_classic`,
+    `op_param_slices` map by name); default init draws each block as it would the single op (the
+    fan-in per group is the single conv's fan-in).
+    """
+    for parent in list(op.modules()):
+        for name, m in list(parent.named_children()):
+            if isinstance(m, nn.Conv2d):
+                setattr(parent, name, nn.Conv2d(k * m.in_channels, k * m.out_channels, m.kernel_size, m.stride,
+                                                m.padding, m.dilation, groups=k * m.groups, bias=False))
+            elif isinstance(m, nn.BatchNorm2d):
+                setattr(parent, name, nn.BatchNorm2d(k * m.num_features, affine=m.affine))
+    return op
+
+
+def _rows(t: torch.Tensor, m: int, k: int) -> slice:
+    """Edge m's rows (output channels) of a grouped tensor holding k edges' blocks along dim 0."""
+    n = t.shape[0] // k
+    return slice(m * n, (m + 1) * n)
+
+
+class GroupedSearchCell(nn.Module):
+    """The DARTS search cell with each source node's parametric ops as grouped convs (`impl: grouped`;
+    same function as `SearchCell` and `FusedSearchCell`, about half the kernels of `FusedSearchCell`).
+
+    Parameters live per source node j (k = len(out_edges[j]) outgoing edges, edge m = out_edges[j][m]):
+    `node_ops[j][op]` holds the op for all k edges, edge m's share being the m-th block of rows of
+    every tensor (`op_param_slices`, `op_state`): convs as `side_by_side` grouped convs, the strided
+    skip as a `FactorizedReduce(C, kC)` (conv_1/conv_2 with k*C/2 outputs, BN over kC channels; its
+    own forward is not used: `_factorized_reduce` interleaves the two paths per edge). `pool_bn[j]`
+    is the pools' BN, one per node (all its edges normalise the same tensor).
+    """
+
+    def __init__(self, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool,
+                 op_names: tuple[str, ...] = DARTS_OPS):
+        super().__init__()
+        unknown = [n for n in op_names if n not in DARTS_OPS]
+        if unknown:
+            raise ValueError(f"unknown DARTS op {unknown[0]!r}; expected one of {', '.join(DARTS_OPS)}")
+        self.reduction = reduction
+        self.C = C
+        self.op_names = tuple(op_names)
+        self.preprocess0 = FactorizedReduce(C_pp, C, affine=False) if reduction_prev else \
+            ReLUConvBN(C_pp, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
+        sources = range(DARTS_STEPS + 1)  # node 5 (the last) feeds no edge
+        self.out_edges = [[e for e, (_, j) in enumerate(EDGES) if j == src] for src in sources]
+        self.conv_names = [n for n in self.op_names if n in CONV_OPS]
+        strided_skip = reduction and "skip_connect" in op_names
+        if strided_skip and C % 2:
+            raise ValueError(f"the strided skip (FactorizedReduce) needs an even C, got {C}")
+        node_ops = []
+        for j, out_edges in enumerate(self.out_edges):
+            k, stride = len(out_edges), 2 if reduction and j < 2 else 1
+            ops = {n: side_by_side(darts_op(n, C, stride, affine=False), k) for n in self.conv_names}
+            if strided_skip and stride > 1:
+                ops["skip_connect"] = FactorizedReduce(C, k * C, affine=False)
+            node_ops.append(nn.ModuleDict(ops))
+        self.node_ops = nn.ModuleList(node_ops)
+        # one affine-free BN per pool kind per source node, shared by its outgoing edges
+        self.pool_bn = nn.ModuleList(
+            nn.ModuleDict({n: nn.BatchNorm2d(C, affine=False) for n in op_names if "pool" in n}) for _ in sources)
+        self.k = {n: k for k, n in enumerate(op_names)}
+        # edge weights are cut per cell, edges in source-node order (`node_major`), in two groups:
+        # scalars (pools, identity skip) multiply an output, per-channel scales (parametric ops, and the
+        # strided skip) go into their last BN; index buffers keep the cut on the device (a Python-list
+        # index would be a host-to-device copy per step, and not CUDA-graph safe)
+        scalar = [n for n in self.op_names if "pool" in n or n == "skip_connect"]
+        self.scaled = self.conv_names + (["skip_connect"] if strided_skip else [])
+        self.scalar_at = {n: i for i, n in enumerate(scalar)}
+        self.widths = [len(es) * C for es in self.out_edges]
+        self.register_buffer("node_major", torch.tensor([e for es in self.out_edges for e in es]), persistent=False)
+        self.register_buffer("scalar_idx", torch.tensor([self.k[n] for n in scalar], dtype=torch.long),
+                             persistent=False)
+        self.register_buffer("scaled_idx", torch.tensor([self.k[n] for n in self.scaled], dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        C, sa = self.C, self.scalar_at
+        # Every weight the cell needs is cut once per cell (`index_select` + `unbind`, one op each, one
+        # `stack` backward) rather than op by op (a select, a select_backward and a gradient accumulation
+        # each); the BN scales of node j are one [ops, k*C] block of a single expanded copy, each edge's
+        # weight repeated over its C channels.
+        w = weights.index_select(0, self.node_major)
+        scalar_rows = w.index_select(1, self.scalar_idx).unbind(0)
+        scales = w.index_select(1, self.scaled_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous() \
+            .view(len(self.scaled), -1).split(self.widths, 1)
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
+        p = 0  # position of the node's first edge in node-major order
+        for j, out_edges in enumerate(self.out_edges):
+            if j >= 2:
+                states.append(acc[j])  # complete: every source before j was processed
+            x = states[j]
+            k = len(out_edges)
+            stride = 2 if self.reduction and j < 2 else 1
+            ops = self.node_ops[j]
+            scale = dict(zip(self.scaled, scales[j].unbind(0)))
+            r = F.relu(x)
+            # [B, k*C, H', W'], edge-major: the node's parametric ops, weighted, summed over ops
+            grouped = None
+            if self.conv_names:
+                r_rep = r if k == 1 else torch.cat([r] * k, dim=1)
+                for name in self.conv_names:
+                    y = self._conv_op(ops[name], name.startswith("sep"), r_rep, scale[name])
+                    grouped = y if grouped is None else grouped + y
+            if "skip_connect" in ops:
+                y = self._factorized_reduce(ops["skip_connect"], r, k, scale["skip_connect"])
+                grouped = y if grouped is None else grouped + y
+            parts = grouped.split(C, 1) if grouped is not None else None
+            pooled = {}
+            if "max_pool_3x3" in self.k:
+                pooled["max_pool_3x3"] = self.pool_bn[j]["max_pool_3x3"](F.max_pool2d(x, 3, stride, 1))
+            if "avg_pool_3x3" in self.k:
+                pooled["avg_pool_3x3"] = self.pool_bn[j]["avg_pool_3x3"](avg_pool_3x3(x, stride))
+            for m, e in enumerate(out_edges):
+                ws = scalar_rows[p + m].unbind(0)
+                terms = [ws[sa[n]] * q for n, q in pooled.items()]
+                if stride == 1 and "skip_connect" in self.k:
+                    terms.append(ws[sa["skip_connect"]] * x)
+                if parts is not None:
+                    terms.append(parts[m])
+                i = EDGES[e][0]
+                for t in terms:
+                    acc[i] = t if acc[i] is None else acc[i] + t
+            p += k
+        states.append(acc[-1])
+        return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
+
+    @staticmethod
+    def _conv_op(op: nn.Module, sep: bool, r_rep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """A `side_by_side` SepConv/DilConv on the repeated ReLU'd input, its last BN scaled by `scale`."""
+        h = r_rep
+        if sep:
+            first, op = op[0], op[1]
+            h = F.relu(first[3](first[2](first[1](h))))
+        return weighted_bn(op[2](op[1](h)), op[3], scale)
+
+    def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, k: int,
+                           scale: torch.Tensor) -> torch.Tensor:
+        """The strided skip of all k edges, [B, k*C, H/2, W/2] edge-major, BN scaled by `scale`."""
+        a = fr.conv_1(r)
+        # FactorizedReduce's offset path conv_2(pad(r[1:, 1:])) with a stride-2 1x1 conv reads
+        # r[2a+1, 2b+1], zero past the edge: the same as a 1x1 conv of this quarter-size view
+        b = F.conv2d(r[:, :, 1::2, 1::2], fr.conv_2.weight)
+        if b.shape[-2:] != a.shape[-2:]:  # odd input size: the offset path lacks the last row/column
+            b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
+        half = self.C // 2  # edge m's output is [a_m, b_m], as FactorizedReduce's cat
+        y = torch.cat([t for ab in zip(a.split(half, 1), b.split(half, 1)) for t in ab], dim=1)
+        return weighted_bn(y, fr.bn, scale)
+
+    def _grouped(self, edge_index: int, op: str) -> tuple[nn.Module | None, int, int]:
+        """The module holding `op` for edge `edge_index` (None if parameter-free), its block m and k."""
+        j = EDGES[edge_index][1]
+        out_edges = self.out_edges[j]
+        return self.node_ops[j][op] if op in self.node_ops[j] else None, out_edges.index(edge_index), len(out_edges)
+
+    def op_param_slices(self, edge_index: int, op: str) -> list[tuple[nn.Parameter, slice]]:
+        """`op`'s weights on edge `edge_index` as (grouped parameter, output-channel slice), in the order
+        of the classic op's `parameters()`; empty for parameter-free ops (none, pools, identity skip)."""
+        mod, m, k = self._grouped(edge_index, op)
+        return [] if mod is None else [(p, _rows(p, m, k)) for p in mod.parameters()]
+
+    def op_state(self, edge_index: int, op: str) -> dict[str, torch.Tensor]:
+        """Edge `edge_index`'s share of `op`'s parameters and buffers, keyed as the classic op's
+        `state_dict()`: views into the grouped tensors (scalar buffers, `num_batches_tracked`, whole)."""
+        mod, m, k = self._grouped(edge_index, op)
+        if mod is None:
+            return {}
+        return {key: t if t.dim() == 0 else t[_rows(t, m, k)] for key, t in mod.state_dict().items()}
+
+    @torch.no_grad()
+    def load_from_classic(self, classic: "SearchCell") -> None:
+        """Copies a `SearchCell`'s weights and BN statistics into this layout (for equivalence checks).
+
+        Pool BNs: the classic cell has one per edge; all edges leaving node j normalise the same
+        tensor, so their statistics agree after the same steps; the first outgoing edge's are taken.
+        """
+        self.preprocess0.load_state_dict(classic.preprocess0.state_dict())
+        self.preprocess1.load_state_dict(classic.preprocess1.state_dict())
+        for e in range(len(EDGES)):
+            for name in self.op_names:
+                dst = self.op_state(e, name)
+                if dst:
+                    src = classic.edges[e].ops[self.k[name]].state_dict()
+                    if src.keys() != dst.keys():
+                        raise ValueError(f"edge {e} {name}: {sorted(src)} vs {sorted(dst)}")
+                    for key, t in src.items():
+                        dst[key].copy_(t)
+        for j, out_edges in enumerate(self.out_edges):
+            for name, bn in self.pool_bn[j].items():
+                bn.load_state_dict(classic.edges[out_edges[0]].ops[self.k[name]][1].state_dict())
+
+
 def imagenet_stem(C_stem: int) -> tuple[nn.Module, nn.Module]:
     """PC-DARTS ImageNet stem: 8x downsampling by three stride-2 3x3 convs (3 -> C/2 -> C -> C)."""
     stem0 = nn.Sequential(
@@ -231,9 +436,10 @@ class DartsSupernet(nn.Module):
                  stem_multiplier: int = 3, generator: torch.Generator | None = None, impl: str = "fused",
                  channels_last: bool = False, checkpoint_cells: bool = False):
         super().__init__()
-        if impl not in ("fused", "classic"):
-            raise ValueError(f"model.impl must be fused or classic, got {impl!r}")
-        cell_cls = FusedSearchCell if impl == "fused" else SearchCell
+        cells = {"fused": FusedSearchCell, "grouped": GroupedSearchCell, "classic": SearchCell}
+        if impl not in cells:
+            raise ValueError(f"model.impl must be one of {', '.join(cells)}, got {impl!r}")
+        cell_cls = cells[impl]
         self.impl = impl
         C_curr = stem_multiplier * C
         self.stem_kind = stem
