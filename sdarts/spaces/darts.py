@@ -98,11 +98,16 @@ class FusedEdge(nn.Module):
             else nn.Identity() for n in op_names)
 
 
-class FusedSearchCell(nn.Module):
-    """The DARTS search cell with per-source-node shared work (same function as `SearchCell`)."""
+class _PerNodeCell(nn.Module):
+    """What the two fast DARTS cells share: op-name checks, the inputs' preprocessing, which edges leave
+    each source node, the pools' BN per node and the scalar edge weights (pools, identity skip).
+
+    Edge weights are cut once per cell; index buffers keep the cut on the device (a Python-list index
+    would be a host-to-device copy per step, and not CUDA-graph safe).
+    """
 
     def __init__(self, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool,
-                 op_names: tuple[str, ...] = DARTS_OPS):
+                 op_names: tuple[str, ...]):
         super().__init__()
         unknown = [n for n in op_names if n not in DARTS_OPS]
         if unknown:
@@ -113,22 +118,28 @@ class FusedSearchCell(nn.Module):
         self.preprocess0 = FactorizedReduce(C_pp, C, affine=False) if reduction_prev else \
             ReLUConvBN(C_pp, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
-        self.edges = nn.ModuleList(FusedEdge(C, 2 if reduction and j < 2 else 1, op_names) for _, j in EDGES)
         sources = range(DARTS_STEPS + 1)  # node 5 (the last) feeds no edge
         self.out_edges = [[e for e, (_, j) in enumerate(EDGES) if j == src] for src in sources]
         # one affine-free BN per pool kind per source node, shared by its outgoing edges
         self.pool_bn = nn.ModuleList(
             nn.ModuleDict({n: nn.BatchNorm2d(C, affine=False) for n in op_names if "pool" in n}) for _ in sources)
         self.k = {n: k for k, n in enumerate(op_names)}
-        # edge weights are cut per cell in two groups: scalars (pools, identity skip) multiply an output,
-        # per-channel scales (parametric ops) go into their last BN; index buffers keep the cut on the
-        # device (a Python-list index would be a host-to-device copy per step, and not CUDA-graph safe)
         scalar = [n for n in self.op_names if "pool" in n or n == "skip_connect"]
-        scaled = [n for n in self.op_names if n in CONV_OPS]
         self.scalar_at = {n: i for i, n in enumerate(scalar)}
-        self.scaled_at = {n: i for i, n in enumerate(scaled)}
         self.register_buffer("scalar_idx", torch.tensor([self.k[n] for n in scalar], dtype=torch.long),
                              persistent=False)
+
+
+class FusedSearchCell(_PerNodeCell):
+    """The DARTS search cell with per-source-node shared work (same function as `SearchCell`)."""
+
+    def __init__(self, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool,
+                 op_names: tuple[str, ...] = DARTS_OPS):
+        super().__init__(C_pp, C_p, C, reduction, reduction_prev, op_names)
+        self.edges = nn.ModuleList(FusedEdge(C, 2 if reduction and j < 2 else 1, op_names) for _, j in EDGES)
+        # per-channel scales (parametric ops) go into their last BN
+        scaled = [n for n in self.op_names if n in CONV_OPS]
+        self.scaled_at = {n: i for i, n in enumerate(scaled)}
         self.register_buffer("scaled_idx", torch.tensor([self.k[n] for n in scaled], dtype=torch.long),
                              persistent=False)
 
@@ -244,7 +255,7 @@ def _rows(t: torch.Tensor, m: int, k: int) -> slice:
     return slice(m * n, (m + 1) * n)
 
 
-class GroupedSearchCell(nn.Module):
+class GroupedSearchCell(_PerNodeCell):
     """The DARTS search cell with each source node's parametric ops as grouped convs (`impl: grouped`;
     same function as `SearchCell` and `FusedSearchCell`, about half the kernels of `FusedSearchCell`).
 
@@ -258,18 +269,7 @@ class GroupedSearchCell(nn.Module):
 
     def __init__(self, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool,
                  op_names: tuple[str, ...] = DARTS_OPS):
-        super().__init__()
-        unknown = [n for n in op_names if n not in DARTS_OPS]
-        if unknown:
-            raise ValueError(f"unknown DARTS op {unknown[0]!r}; expected one of {', '.join(DARTS_OPS)}")
-        self.reduction = reduction
-        self.C = C
-        self.op_names = tuple(op_names)
-        self.preprocess0 = FactorizedReduce(C_pp, C, affine=False) if reduction_prev else \
-            ReLUConvBN(C_pp, C, 1, 1, 0, affine=False)
-        self.preprocess1 = ReLUConvBN(C_p, C, 1, 1, 0, affine=False)
-        sources = range(DARTS_STEPS + 1)  # node 5 (the last) feeds no edge
-        self.out_edges = [[e for e, (_, j) in enumerate(EDGES) if j == src] for src in sources]
+        super().__init__(C_pp, C_p, C, reduction, reduction_prev, op_names)
         self.conv_names = [n for n in self.op_names if n in CONV_OPS]
         strided_skip = reduction and "skip_connect" in op_names
         if strided_skip and C % 2:
@@ -282,21 +282,11 @@ class GroupedSearchCell(nn.Module):
                 ops["skip_connect"] = FactorizedReduce(C, k * C, affine=False)
             node_ops.append(nn.ModuleDict(ops))
         self.node_ops = nn.ModuleList(node_ops)
-        # one affine-free BN per pool kind per source node, shared by its outgoing edges
-        self.pool_bn = nn.ModuleList(
-            nn.ModuleDict({n: nn.BatchNorm2d(C, affine=False) for n in op_names if "pool" in n}) for _ in sources)
-        self.k = {n: k for k, n in enumerate(op_names)}
-        # edge weights are cut per cell, edges in source-node order (`node_major`), in two groups:
-        # scalars (pools, identity skip) multiply an output, per-channel scales (parametric ops, and the
-        # strided skip) go into their last BN; index buffers keep the cut on the device (a Python-list
-        # index would be a host-to-device copy per step, and not CUDA-graph safe)
-        scalar = [n for n in self.op_names if "pool" in n or n == "skip_connect"]
+        # edges are cut in source-node order (`node_major`); per-channel scales (parametric ops, and the
+        # strided skip) go into their last BN
         self.scaled = self.conv_names + (["skip_connect"] if strided_skip else [])
-        self.scalar_at = {n: i for i, n in enumerate(scalar)}
         self.widths = [len(es) * C for es in self.out_edges]
         self.register_buffer("node_major", torch.tensor([e for es in self.out_edges for e in es]), persistent=False)
-        self.register_buffer("scalar_idx", torch.tensor([self.k[n] for n in scalar], dtype=torch.long),
-                             persistent=False)
         self.register_buffer("scaled_idx", torch.tensor([self.k[n] for n in self.scaled], dtype=torch.long),
                              persistent=False)
 
