@@ -129,6 +129,36 @@ class _PerNodeCell(nn.Module):
         self.register_buffer("scalar_idx", torch.tensor([self.k[n] for n in scalar], dtype=torch.long),
                              persistent=False)
 
+    @staticmethod
+    def _strided_skip_paths(fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """FactorizedReduce's two paths on the ReLU'd input `r`, before their concat and BN. The offset
+        path conv_2(pad(r[1:, 1:])) with a stride-2 1x1 conv reads r[2a+1, 2b+1], zero past the edge:
+        the same as a 1x1 conv of `shifted` = r[:, :, 1::2, 1::2] (cut once per node by the caller),
+        padded at the end for odd sizes."""
+        a = fr.conv_1(r)
+        b = F.conv2d(shifted, fr.conv_2.weight)
+        if b.shape[-2:] != a.shape[-2:]:  # odd input size: the offset path lacks the last row/column
+            b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
+        return a, b
+
+    @torch.no_grad()
+    def load_from_classic(self, classic: "SearchCell") -> None:
+        """Copies a `SearchCell`'s weights and BN statistics into this layout (for equivalence checks).
+
+        Pool BNs: the classic cell has one per edge; all edges leaving node j normalise the same
+        tensor, so their statistics agree after the same steps; the first outgoing edge's are taken.
+        """
+        self.preprocess0.load_state_dict(classic.preprocess0.state_dict())
+        self.preprocess1.load_state_dict(classic.preprocess1.state_dict())
+        self._load_ops_from_classic(classic)
+        for j, out_edges in enumerate(self.out_edges):
+            for name, bn in self.pool_bn[j].items():
+                bn.load_state_dict(classic.edges[out_edges[0]].ops[self.k[name]][1].state_dict())
+
+    def _load_ops_from_classic(self, classic: "SearchCell") -> None:
+        raise NotImplementedError
+
 
 class FusedSearchCell(_PerNodeCell):
     """The DARTS search cell with per-source-node shared work (same function as `SearchCell`)."""
@@ -168,11 +198,7 @@ class FusedSearchCell(_PerNodeCell):
                 pooled["max_pool_3x3"] = self.pool_bn[j]["max_pool_3x3"](F.max_pool2d(x, 3, stride, 1))
             if "avg_pool_3x3" in k:
                 pooled["avg_pool_3x3"] = self.pool_bn[j]["avg_pool_3x3"](avg_pool_3x3(x, stride))
-            shifted = None
-            if stride > 1 and "skip_connect" in k:
-                # FactorizedReduce's offset path conv_2(pad(r[1:, 1:])) with a stride-2 1x1 conv reads
-                # r[2a+1, 2b+1], zero past the edge: the same as a 1x1 conv of this quarter-size view
-                shifted = r[:, :, 1::2, 1::2]
+            shifted = r[:, :, 1::2, 1::2] if stride > 1 and "skip_connect" in k else None
             for e in out_edges:
                 w = scalar_rows[e].unbind(0)
                 scale = scale_rows[e].unbind(0)
@@ -204,28 +230,14 @@ class FusedSearchCell(_PerNodeCell):
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor,
                            scale: torch.Tensor) -> torch.Tensor:
         """The strided skip (FactorizedReduce) with its BN scaled by the edge weight (`scale`: [C])."""
-        a = fr.conv_1(r)
-        b = F.conv2d(shifted, fr.conv_2.weight)
-        if b.shape[-2:] != a.shape[-2:]:  # odd input size: the offset path lacks the last row/column
-            b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
-        return weighted_bn(torch.cat([a, b], dim=1), fr.bn, scale)
+        return weighted_bn(torch.cat(self._strided_skip_paths(fr, r, shifted), dim=1), fr.bn, scale)
 
-    @torch.no_grad()
-    def load_from_classic(self, classic: "SearchCell") -> None:
-        """Copies a `SearchCell`'s weights and BN statistics into this layout (for equivalence checks).
-
-        Pool BNs: the classic cell has one per edge; all edges leaving node j normalise the same
-        tensor, so their statistics agree after the same steps; the first outgoing edge's are taken.
-        """
-        self.preprocess0.load_state_dict(classic.preprocess0.state_dict())
-        self.preprocess1.load_state_dict(classic.preprocess1.state_dict())
+    def _load_ops_from_classic(self, classic: "SearchCell") -> None:
+        """Per-edge modules: the classic op's state as it is."""
         for e, edge in enumerate(self.edges):
             for op, c_op in zip(edge.ops, classic.edges[e].ops):
                 if not isinstance(op, nn.Identity):
                     op.load_state_dict(c_op.state_dict())
-        for j, out_edges in enumerate(self.out_edges):
-            for name, bn in self.pool_bn[j].items():
-                bn.load_state_dict(classic.edges[out_edges[0]].ops[self.k[name]][1].state_dict())
 
 
 def side_by_side(op: nn.Module, k: int) -> nn.Module:
@@ -354,12 +366,7 @@ class GroupedSearchCell(_PerNodeCell):
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, k: int,
                            scale: torch.Tensor) -> torch.Tensor:
         """The strided skip of all k edges, [B, k*C, H/2, W/2] edge-major, BN scaled by `scale`."""
-        a = fr.conv_1(r)
-        # FactorizedReduce's offset path conv_2(pad(r[1:, 1:])) with a stride-2 1x1 conv reads
-        # r[2a+1, 2b+1], zero past the edge: the same as a 1x1 conv of this quarter-size view
-        b = F.conv2d(r[:, :, 1::2, 1::2], fr.conv_2.weight)
-        if b.shape[-2:] != a.shape[-2:]:  # odd input size: the offset path lacks the last row/column
-            b = F.pad(b, (0, a.shape[-1] - b.shape[-1], 0, a.shape[-2] - b.shape[-2]))
+        a, b = self._strided_skip_paths(fr, r, r[:, :, 1::2, 1::2])
         half = self.C // 2  # edge m's output is [a_m, b_m], as FactorizedReduce's cat
         y = torch.cat([t for ab in zip(a.split(half, 1), b.split(half, 1)) for t in ab], dim=1)
         return weighted_bn(y, fr.bn, scale)
@@ -384,15 +391,8 @@ class GroupedSearchCell(_PerNodeCell):
             return {}
         return {key: t if t.dim() == 0 else t[_rows(t, m, k)] for key, t in mod.state_dict().items()}
 
-    @torch.no_grad()
-    def load_from_classic(self, classic: "SearchCell") -> None:
-        """Copies a `SearchCell`'s weights and BN statistics into this layout (for equivalence checks).
-
-        Pool BNs: the classic cell has one per edge; all edges leaving node j normalise the same
-        tensor, so their statistics agree after the same steps; the first outgoing edge's are taken.
-        """
-        self.preprocess0.load_state_dict(classic.preprocess0.state_dict())
-        self.preprocess1.load_state_dict(classic.preprocess1.state_dict())
+    def _load_ops_from_classic(self, classic: "SearchCell") -> None:
+        """Each classic op's state into its edge's block of the grouped tensors (`op_state`)."""
         for e in range(len(EDGES)):
             for name in self.op_names:
                 dst = self.op_state(e, name)
@@ -402,9 +402,6 @@ class GroupedSearchCell(_PerNodeCell):
                         raise ValueError(f"edge {e} {name}: {sorted(src)} vs {sorted(dst)}")
                     for key, t in src.items():
                         dst[key].copy_(t)
-        for j, out_edges in enumerate(self.out_edges):
-            for name, bn in self.pool_bn[j].items():
-                bn.load_state_dict(classic.edges[out_edges[0]].ops[self.k[name]][1].state_dict())
 
 
 def imagenet_stem(C_stem: int) -> tuple[nn.Module, nn.Module]:
