@@ -7,9 +7,11 @@ the figure that predicts eager GPU throughput, and it can be measured on any CPU
 
   python benchmarks/dispatch_count.py [--cases nb201,darts_cifar,darts_imagenet] [--steps 10] [--rounds 2]
 
-Prints a table, then one JSON line {"machine": ..., case: {variant: {"ops", "ms_per_step"}}}.
-Counts are the ATen ops that reach kernels (a TorchDispatchMode below autograd), forward + backward,
-one step after two warm-up steps; variants alternate across rounds, the median time is kept.
+Prints a table, then one JSON line {"machine": ..., case: {variant: {"ops", "kernels", "ms_per_step"}}}.
+Counts are the ATen ops below autograd (a TorchDispatchMode), forward + backward, one step after two
+warm-up steps: `ops` all of them (each costs host dispatch time), `kernels` those that run a kernel on a
+device (not views such as detach/slice/permute, not bare allocations): with CUDA graphs the host cost
+is gone and the kernel count is what remains. Variants alternate across rounds; the median time is kept.
 """
 from __future__ import annotations
 
@@ -50,24 +52,27 @@ def build(case: str, variant: str):
     return m, x, y
 
 
-def count_ops(step) -> int:
-    """ATen ops that reach the kernels (below autograd), forward and backward: a dispatch mode sees each
-    one once; composite ops are counted as what they decompose into, as a GPU would launch them."""
+def count_ops(step) -> tuple[int, int]:
+    """(ops, kernels) of one call of `step`: the ATen ops below autograd, forward and backward (a
+    dispatch mode sees each once; composite ops count as what they decompose into, as a GPU would
+    launch them), and of those the ones that are neither views nor bare allocations."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
-        n = 0
+        n = kernels = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Count.n += 1
+            if not func.is_view and not func.__name__.startswith(("empty", "new_empty")):
+                Count.kernels += 1
             return func(*args, **(kwargs or {}))
 
     with Count():
         step()
-    return Count.n
+    return Count.n, Count.kernels
 
 
-def measure(case: str, variant: str, steps: int) -> tuple[int, float]:
+def measure(case: str, variant: str, steps: int) -> tuple[tuple[int, int], float]:
     m, x, y = build(case, variant)
 
     def step():
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results: dict[str, dict] = {}
     for case in cases:
-        ops: dict[str, int] = {}
+        ops: dict[str, tuple[int, int]] = {}
         variants = [v for v in VARIANTS if not (v == "grouped" and case == "nb201")]  # grouped: DARTS only
         times = {v: [] for v in variants}
         for r in range(args.rounds):
@@ -106,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
                 n, ms = measure(case, v, args.steps)
                 ops[v] = n
                 times[v].append(ms)
-        results[case] = {v: {"ops": ops[v], "ms_per_step": round(statistics.median(times[v]), 2),
+        results[case] = {v: {"ops": ops[v][0], "kernels": ops[v][1], "ms_per_step": round(statistics.median(times[v]), 2),
                              "rounds_ms": [round(t, 2) for t in times[v]]} for v in variants}
-    print(f"{'case':16s} {'variant':9s} {'ops/step':>9s} {'ms/step':>9s} {'ops x':>6s} {'time x':>7s}")
+    print(f"{'case':16s} {'variant':9s} {'ops/step':>9s} {'kernels':>8s} {'ms/step':>9s} {'ops x':>6s} "
+          f"{'kern x':>6s} {'time x':>7s}")
     for case, per in results.items():
         base = per["classic"]
         for v, r in per.items():
-            print(f"{case:16s} {v:9s} {r['ops']:9d} {r['ms_per_step']:9.1f} {r['ops'] / base['ops']:6.2f} "
+            print(f"{case:16s} {v:9s} {r['ops']:9d} {r['kernels']:8d} {r['ms_per_step']:9.1f} "
+                  f"{r['ops'] / base['ops']:6.2f} {r['kernels'] / base['kernels']:6.2f} "
                   f"{r['ms_per_step'] / base['ms_per_step']:7.2f}")
     print(json.dumps({"machine": common.machine("cpu", args.threads), **results}))
     return 0

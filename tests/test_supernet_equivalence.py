@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdarts.spaces.darts import DartsSupernet, FusedSearchCell, GroupedSearchCell, SearchCell
+from sdarts.spaces.fused import weighted_mix
 from sdarts.spaces.nb201 import ClassicCell, FusedCell, NB201Supernet
 from sdarts.spaces.ops import DARTS_OPS, NB201_OPS
 
@@ -264,12 +265,14 @@ def test_weighted_bn_is_scaled_bn_even_for_an_expanded_scale(channels_last):
     assert bn_a.num_batches_tracked.item() == bn_b.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("ops", [("skip_connect", "dil_conv_3x3", "avg_pool_3x3", "sep_conv_3x3"),
+                                 ("avg_pool_3x3", "sep_conv_5x5", "max_pool_3x3", "skip_connect")])
 @pytest.mark.parametrize("cell_cls", [FusedSearchCell, GroupedSearchCell])
 @pytest.mark.parametrize("reduction", [False, True])
-def test_fused_darts_cell_with_a_reordered_op_subset(reduction, cell_cls):
-    """The fused cell cuts edge weights by op name (scalars for pools/skip, BN scales for convs), so an
-    op list in another order, without `none` or one pool, must still match the classic cell."""
-    ops = ("skip_connect", "dil_conv_3x3", "avg_pool_3x3", "sep_conv_3x3")
+def test_fused_darts_cell_with_a_reordered_op_subset(reduction, cell_cls, ops):
+    """The fused cells cut edge weights by op name (the parameter-free ops' columns for `weighted_mix`,
+    BN scales for convs; at stride 2 the pools' columns only), so an op list in another order, without
+    `none` or one pool, must still match the classic cell."""
     torch.manual_seed(0)
     classic = SearchCell(8, 8, 4, reduction, False, ops).double()
     fused = cell_cls(8, 8, 4, reduction, False, ops).double()
@@ -285,6 +288,27 @@ def test_fused_darts_cell_with_a_reordered_op_subset(reduction, cell_cls):
         outs.append(out.detach()), grads.append(wi.grad)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_weighted_mix_is_the_term_by_term_sum(channels_last):
+    """One matmul over memory order == sum_o w[m, o] * frees[o] per edge m: values, both gradients, and
+    each result in its inputs' layout (an NCHW result would drag the NHWC cell into slow kernels)."""
+    g = torch.Generator().manual_seed(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    frees = [torch.randn(2, 5, 4, 3, generator=g, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+             for _ in range(3)]
+    w = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(4, 2, 5, 4, 3, generator=g, dtype=torch.float64)
+    out = weighted_mix(frees, w)
+    assert all(t.is_contiguous(memory_format=fmt) for t in out)
+    ref = [sum(w[m, o] * frees[o] for o in range(3)) for m in range(4)]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad(sum((t * probe[m]).sum() for m, t in enumerate(ts)), [w, *frees])
+             for ts in (out, ref)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_grouped_darts_cell_op_param_slices():

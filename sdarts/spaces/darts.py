@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import DARTS_STEPS, DartsGenotype, darts_edges, derive_darts
-from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, dense_grad, weighted_bn
+from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, dense_grad, weighted_bn, weighted_mix
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, darts_op
 
 EDGES = darts_edges()
@@ -124,10 +124,41 @@ class _PerNodeCell(nn.Module):
         self.pool_bn = nn.ModuleList(
             nn.ModuleDict({n: nn.BatchNorm2d(C, affine=False) for n in op_names if "pool" in n}) for _ in sources)
         self.k = {n: k for k, n in enumerate(op_names)}
-        scalar = [n for n in self.op_names if "pool" in n or n == "skip_connect"]
-        self.scalar_at = {n: i for i, n in enumerate(scalar)}
-        self.register_buffer("scalar_idx", torch.tensor([self.k[n] for n in scalar], dtype=torch.long),
+        # the parameter-free ops weighted by a scalar per edge (`weighted_mix`): pools and the identity
+        # skip (stride 1); a strided skip is a FactorizedReduce, parametric
+        self.free_names = [n for n in self.op_names if "pool" in n or n == "skip_connect"]
+        self.pool_names = [n for n in self.free_names if "pool" in n]
+        self.ks = [len(es) for es in self.out_edges]
+        self.register_buffer("node_major", torch.tensor([e for es in self.out_edges for e in es]), persistent=False)
+        self.register_buffer("free_idx", torch.tensor([self.k[n] for n in self.free_names], dtype=torch.long),
                              persistent=False)
+        self.register_buffer("pool_cols", torch.tensor([self.free_names.index(n) for n in self.pool_names],
+                                                       dtype=torch.long), persistent=False)
+
+    def _stride(self, j: int) -> int:
+        return 2 if self.reduction and j < 2 else 1
+
+    def _free_weights(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """Per source node j, the [k_j, o_j] weights of its outgoing edges (rows, in `out_edges` order)
+        on its parameter-free ops (columns, in `_frees` order): cut once per cell, two ops."""
+        rows = list(weights.index_select(0, self.node_major).index_select(1, self.free_idx).split(self.ks))
+        if "skip_connect" in self.k and self.reduction:  # strided nodes: the pools only
+            for j in range(2):
+                rows[j] = rows[j].index_select(1, self.pool_cols)
+        return rows
+
+    def _frees(self, j: int, x: torch.Tensor) -> list[torch.Tensor]:
+        """Node j's parameter-free outputs, `_free_weights` column order: each pool + its BN (one per node,
+        shared by all outgoing edges: same input, same batch statistics), and at stride 1 the identity."""
+        stride, out = self._stride(j), []
+        for n in self.free_names:
+            if n == "max_pool_3x3":
+                out.append(self.pool_bn[j][n](F.max_pool2d(x, 3, stride, 1)))
+            elif n == "avg_pool_3x3":
+                out.append(self.pool_bn[j][n](avg_pool_3x3(x, stride)))
+            elif stride == 1:
+                out.append(x)
+        return out
 
     @staticmethod
     def _strided_skip_paths(fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor
@@ -175,35 +206,31 @@ class FusedSearchCell(_PerNodeCell):
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         k, C = self.k, self.C
-        # Every weight the cell needs is cut once per cell with `index_select` + `unbind` (one op each,
-        # one `stack` backward), where indexing weights[e][k] op by op cost a select, a select_backward
+        # Every weight the cell needs is cut once per cell with `index_select` + `split`/`unbind` (one op
+        # each, one backward), where indexing weights[e][k] op by op cost a select, a select_backward
         # and a gradient accumulation each (~2700 ops per step in the 8-cell supernet), and each BN
         # scale an expand + copy + sum: one expanded copy per cell now serves them all.
-        scalar_rows = weights.index_select(1, self.scalar_idx).unbind(0)
+        free_w = self._free_weights(weights)
         scale_rows = weights.index_select(1, self.scaled_idx).unsqueeze(-1).expand(-1, -1, C).contiguous().unbind(0)
         fr_rows = None
         if self.reduction and "skip_connect" in k:  # the strided skip (FactorizedReduce) scales its BN
             fr_rows = weights[:, k["skip_connect"]].unsqueeze(-1).expand(-1, C).contiguous().unbind(0)
-        sa, ca = self.scalar_at, self.scaled_at
+        ca = self.scaled_at
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
         for j, out_edges in enumerate(self.out_edges):
             if j >= 2:
                 states.append(acc[j])  # complete: every source before j was processed
             x = states[j]
-            stride = 2 if self.reduction and j < 2 else 1
+            stride = self._stride(j)
             r = F.relu(x)
-            pooled = {}
-            if "max_pool_3x3" in k:
-                pooled["max_pool_3x3"] = self.pool_bn[j]["max_pool_3x3"](F.max_pool2d(x, 3, stride, 1))
-            if "avg_pool_3x3" in k:
-                pooled["avg_pool_3x3"] = self.pool_bn[j]["avg_pool_3x3"](avg_pool_3x3(x, stride))
+            frees = self._frees(j, x)
+            mixed = weighted_mix(frees, free_w[j]) if frees else None  # per edge: pools + identity, weighted
             shifted = r[:, :, 1::2, 1::2] if stride > 1 and "skip_connect" in k else None
-            for e in out_edges:
-                w = scalar_rows[e].unbind(0)
+            for m, e in enumerate(out_edges):
                 scale = scale_rows[e].unbind(0)
                 ops = self.edges[e].ops
-                terms = [w[sa[n]] * p for n, p in pooled.items()]
+                terms = [mixed[m]] if mixed is not None else []
                 for name in self.op_names:
                     if name in CONV_OPS:
                         op = ops[k[name]]
@@ -214,11 +241,8 @@ class FusedSearchCell(_PerNodeCell):
                             h = F.relu(first[3](first[2](first[1](h))))
                         h = last[2](last[1](h))
                         terms.append(weighted_bn(h, last[3], scale[ca[name]]))
-                    elif name == "skip_connect":
-                        if stride == 1:
-                            terms.append(w[sa[name]] * x)
-                        else:
-                            terms.append(self._factorized_reduce(ops[k[name]], r, shifted, fr_rows[e]))
+                    elif name == "skip_connect" and stride > 1:
+                        terms.append(self._factorized_reduce(ops[k[name]], r, shifted, fr_rows[e]))
                 out = terms[0]
                 for t in terms[1:]:
                     out = out + t
@@ -298,29 +322,25 @@ class GroupedSearchCell(_PerNodeCell):
         # strided skip) go into their last BN
         self.scaled = self.conv_names + (["skip_connect"] if strided_skip else [])
         self.widths = [len(es) * C for es in self.out_edges]
-        self.register_buffer("node_major", torch.tensor([e for es in self.out_edges for e in es]), persistent=False)
         self.register_buffer("scaled_idx", torch.tensor([self.k[n] for n in self.scaled], dtype=torch.long),
                              persistent=False)
 
     def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        C, sa = self.C, self.scalar_at
-        # Every weight the cell needs is cut once per cell (`index_select` + `unbind`, one op each, one
-        # `stack` backward) rather than op by op (a select, a select_backward and a gradient accumulation
+        C = self.C
+        # Every weight the cell needs is cut once per cell (`index_select` + `split`, one op each, one
+        # backward) rather than op by op (a select, a select_backward and a gradient accumulation
         # each); the BN scales of node j are one [ops, k*C] block of a single expanded copy, each edge's
         # weight repeated over its C channels.
-        w = weights.index_select(0, self.node_major)
-        scalar_rows = w.index_select(1, self.scalar_idx).unbind(0)
-        scales = w.index_select(1, self.scaled_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous() \
-            .view(len(self.scaled), -1).split(self.widths, 1)
+        free_w = self._free_weights(weights)
+        scales = weights.index_select(0, self.node_major).index_select(1, self.scaled_idx).t().unsqueeze(-1) \
+            .expand(-1, -1, C).contiguous().view(len(self.scaled), -1).split(self.widths, 1)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
-        p = 0  # position of the node's first edge in node-major order
         for j, out_edges in enumerate(self.out_edges):
             if j >= 2:
                 states.append(acc[j])  # complete: every source before j was processed
             x = states[j]
             k = len(out_edges)
-            stride = 2 if self.reduction and j < 2 else 1
             ops = self.node_ops[j]
             scale = dict(zip(self.scaled, scales[j].unbind(0)))
             r = F.relu(x)
@@ -335,22 +355,13 @@ class GroupedSearchCell(_PerNodeCell):
                 y = self._factorized_reduce(ops["skip_connect"], r, k, scale["skip_connect"])
                 grouped = y if grouped is None else grouped + y
             parts = grouped.split(C, 1) if grouped is not None else None
-            pooled = {}
-            if "max_pool_3x3" in self.k:
-                pooled["max_pool_3x3"] = self.pool_bn[j]["max_pool_3x3"](F.max_pool2d(x, 3, stride, 1))
-            if "avg_pool_3x3" in self.k:
-                pooled["avg_pool_3x3"] = self.pool_bn[j]["avg_pool_3x3"](avg_pool_3x3(x, stride))
+            frees = self._frees(j, x)
+            mixed = weighted_mix(frees, free_w[j]) if frees else None  # per edge: pools + identity, weighted
             for m, e in enumerate(out_edges):
-                ws = scalar_rows[p + m].unbind(0)
-                terms = [ws[sa[n]] * q for n, q in pooled.items()]
-                if stride == 1 and "skip_connect" in self.k:
-                    terms.append(ws[sa["skip_connect"]] * x)
-                if parts is not None:
-                    terms.append(parts[m])
+                terms = [t[m] for t in (mixed, parts) if t is not None]
                 i = EDGES[e][0]
                 for t in terms:
                     acc[i] = t if acc[i] is None else acc[i] + t
-            p += k
         states.append(acc[-1])
         return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
 

@@ -9,6 +9,8 @@ tensors kept for backward (measured in docs/performance.md):
 - `avg_pool_3x3`: on CPU, `avg_pool2d(count_include_pad=False)` in NCHW is slow (about 4x a
   depthwise conv of the same size, measured); a depthwise 3x3 conv with a ones kernel times a
   constant 1/count map computes the same average. NHWC and GPU tensors use the native pooling.
+- `weighted_mix`: every outgoing edge's weighted sum of a node's parameter-free outputs (pools,
+  identity skip) as one matmul, instead of a scalar multiply and an add per (edge, op).
 - `dense_grad`: hands dense gradients to the nodes that feed the cell's output concat.
 - `recompute_without_stat_updates` + `checkpoint_cell`: activation checkpointing per cell that
   updates BN running statistics once per step, as without checkpointing (the recomputation in
@@ -67,6 +69,24 @@ def avg_pool_3x3(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     kernel = torch.ones(C, 1, 3, 3, dtype=x.dtype, device=x.device)
     s = F.conv2d(x, kernel, stride=stride, padding=1, groups=C)
     return s * _inv_count(x.shape[2], x.shape[3], stride, x.device, s.dtype)
+
+
+def weighted_mix(frees: list[torch.Tensor], w: torch.Tensor) -> list[torch.Tensor]:
+    """`[sum_o w[m, o] * frees[o] for m in range(k)]`: for each of a node's k outgoing edges, the
+    weighted sum of the node's o parameter-free outputs (pools after their BN, the identity skip).
+
+    Why: done term by term that is k*o scalar multiplies and adds forward, and in backward k*o more
+    multiplies plus k*o full reductions for the weight gradients: on a GPU each is a kernel, and the
+    step is bound by the number of kernels, not by their arithmetic. As one `[k, o] @ [o, N]` matmul
+    over the tensors' memory order it is a stack, a matmul, and two matmuls in backward (dL/dw is
+    `g @ S^T`). The tensors are stacked in memory order (NHWC stays NHWC), and each result is a view
+    in the input's layout. The weights take the tensors' dtype (as a scalar multiply would).
+    """
+    nhwc = _is_nhwc(frees[0])
+    to_mem, from_mem = ((0, 2, 3, 1), (0, 3, 1, 2)) if nhwc else ((0, 1, 2, 3), (0, 1, 2, 3))
+    s = torch.stack([f.permute(to_mem) for f in frees])  # [o, *memory-order shape], contiguous
+    out = torch.mm(w.to(s.dtype), s.view(len(frees), -1)).view(w.shape[0], *s.shape[1:])
+    return [t.permute(from_mem) for t in out.unbind(0)]
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:

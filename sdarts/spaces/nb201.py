@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import NB201_EDGES, NB201Genotype, derive_nb201
-from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, weighted_bn
+from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, weighted_bn, weighted_mix
 from sdarts.spaces.ops import NB201_OPS, ResNetBasicBlock, nb201_op
 
 EDGE_NAMES: tuple[str, ...] = tuple(f"{i}<-{j}" for i, j in NB201_EDGES)
@@ -87,6 +87,9 @@ class FusedCell(nn.Module):
         self.out_edges = [[EDGE_NAMES.index(f"{i}<-{j}") for i in range(j + 1, NODES)] for j in range(NODES - 1)]
         for j, rows in enumerate(self.out_edges):  # device-resident, so indexing needs no host copy
             self.register_buffer(f"out_idx{j}", torch.tensor(rows), persistent=False)
+        # the parameter-free ops' columns, in `weighted_mix` order (identity, pooled)
+        self.register_buffer("free_idx", torch.tensor([self.idx["skip_connect"], self.idx["avg_pool_3x3"]]),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         C, ix = self.C, self.idx
@@ -103,9 +106,10 @@ class FusedCell(nn.Module):
             r = F.relu(node)
             c3 = weighted_bn(self.conv3[j](r), self.bn3[j], _per_channel(w[:, ix["nor_conv_3x3"]], C)).split(C, 1)
             c1 = weighted_bn(self.conv1[j](r), self.bn1[j], _per_channel(w[:, ix["nor_conv_1x1"]], C)).split(C, 1)
-            pooled = avg_pool_3x3(node)
+            # every outgoing edge's skip and pool terms, weighted, as one matmul (`weighted_mix`)
+            mixed = weighted_mix([node, avg_pool_3x3(node)], w.index_select(1, self.free_idx))
             for k, i in enumerate(range(j + 1, NODES)):
-                out = w[k, ix["skip_connect"]] * node + w[k, ix["avg_pool_3x3"]] * pooled + c3[k] + c1[k]
+                out = mixed[k] + c3[k] + c1[k]
                 acc[i] = out if acc[i] is None else acc[i] + out
         return acc[NODES - 1]
 
