@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot performance check (issue 8) on a lent H100/H200: no deepspeed, DALI or network there (DESIGN section 5).
-# Carry: .whl (deepspeed + deps for py3.12) and .gpu (cifar10_jpeg.npz from cifar_pack.py, nb201_accuracies.csv.gz,
-# imagenet-sample/train with >= 128 JPEGs, one per class folder).
+# Carry (built by scripts/device/prepare_carry.sh): .whl (deepspeed + deps for py3.12), and .gpu (cifar10_jpeg.npz,
+# nb201_accuracies.csv.gz, 128 ImageNet JPEGs; the search phase needs it) or .gpu2 (400 ImageNet JPEGs only: enough
+# for the benchmark at the one-GPU micro-batch of 360; the tests and bench phases need no more).
 #   bash scripts/device/perf_check.sh [SECONDS]     # SECONDS: wall budget for everything (default 560)
 # Measured 2026-11-28 on an H200 (docs/performance.md). Order: CUDA-graph tests, the supernet step benchmark, then the
 # full NB201 search (50 epochs, 25k images, batch 64, CIFAR on the GPU) with what is left; its per-epoch times
@@ -17,8 +18,13 @@ T0=$(date +%s); el() { echo $(( $(date +%s) - T0 )); }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 3
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, torch.cuda.get_device_name())"
-mkdir -p /tmp/shared/data && ln -sfn "$PWD/.gpu/imagenet-sample" /tmp/shared/data/imagenet-sample
-python3 scripts/device/cifar_pack.py unpack .gpu/cifar10_jpeg.npz /tmp/shared/data/cifar10-wds || exit 3
+mkdir -p /tmp/shared/data
+for d in .gpu2 .gpu; do  # the larger JPEG set when both travel
+  [ -d "$d/imagenet-sample" ] && { ln -sfn "$PWD/$d/imagenet-sample" /tmp/shared/data/imagenet-sample; break; }
+done
+if [ -f .gpu/cifar10_jpeg.npz ]; then
+  python3 scripts/device/cifar_pack.py unpack .gpu/cifar10_jpeg.npz /tmp/shared/data/cifar10-wds || exit 3
+fi
 echo "setup done at $(el)s"
 
 # 1. correctness of the recorded step on this GPU (model level, then the real launcher graphed vs eager)
@@ -27,13 +33,19 @@ if [[ " $PHASES " == *" tests "* ]]; then
   echo "pytest graphs rc=$? at $(el)s"; tail -3 "$OUT/pytest_graphs.txt"
 fi
 
-# 2. supernet step, bf16: the DARTS ImageNet supernet first (the open target), classic vs default vs graphed;
+# 2. supernet step, bf16: the DARTS ImageNet supernet first (the open target), at batch 64 (classic vs default vs
+#    grouped, eager and graphed), then at the micro-batch the launcher plans for one H100/H200 (PLAN_BATCH: 360 =
+#    the paper's global batch on one GPU; `launcher/plan.py --job configs/search/darts_imagenet.yaml --gpu h200`);
 #    then NB201 in fp32 with graphs
 if [[ " $PHASES " == *" bench "* ]]; then
-  timeout ${BENCH_S:-200} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
-      --cases darts_imagenet,darts_cifar --variants classic,default,default+graphs,grouped,grouped+graphs ${BENCH_EXTRA:-} \
+  timeout ${BENCH_S:-150} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
+      --cases darts_imagenet --variants classic,default,default+graphs,grouped,grouped+graphs ${BENCH_EXTRA:-} \
       --steps 10 --warmup 3 > "$OUT/bench_bf16.txt" 2>&1
   echo "bench bf16 rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16.txt"
+  timeout ${BENCH_S:-150} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
+      --cases darts_imagenet --variants default+graphs,grouped+graphs,grouped --imagenet-batch ${PLAN_BATCH:-360} \
+      --steps 8 --warmup 3 > "$OUT/bench_bf16_plan.txt" 2>&1
+  echo "bench bf16 batch ${PLAN_BATCH:-360} rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16_plan.txt"
   timeout 60 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \
       --variants classic,default,default+graphs --steps 40 --warmup 5 > "$OUT/bench_nb201_fp32.txt" 2>&1
   echo "bench nb201 fp32 rc=$? at $(el)s"; tail -2 "$OUT/bench_nb201_fp32.txt"
@@ -41,6 +53,7 @@ fi
 
 # 3. the full NB201 search, Single-DARTS defaults, CIFAR held and augmented on the GPU, graphed step (auto)
 [[ " $PHASES " == *" search "* ]] || { echo "done at $(el)s"; exit 0; }
+[ -d /tmp/shared/data/cifar10-wds ] || { echo "error: the search phase needs .gpu (cifar10_jpeg.npz) carried"; exit 3; }
 RUNS=/tmp/runs; mkdir -p $RUNS
 BASE=(--config configs/search/nb201_cifar10.yaml --set data.root=/tmp/shared/data/cifar10-wds
       --set "nb201_table=$PWD/.gpu/nb201_accuracies.csv.gz" --set log.progress=false --set log.every_steps=100

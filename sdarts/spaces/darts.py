@@ -13,16 +13,18 @@ Three implementations of the cell compute the same function:
   per node for all its outgoing edges (up to 4): the ReLU in front of every conv op and of the strided
   skip (FactorizedReduce), and max/avg pooling with their affine-free BN (same input, same batch
   statistics, same output on every edge). Each op's last BN takes the edge weight as its affine scale
-  (`fused.weighted_bn`), so weighted outputs are never stored; `none` is never computed. The
+  (`fused.weighted_bn`), so weighted outputs are never stored; the pools and the identity skip are
+  weighted for all outgoing edges by one matmul (`fused.weighted_mix`); `none` is never computed. The
   per-edge conv modules are the same as in `MixedOp`, at the same positions (`edges[e].ops[k]`).
 - `GroupedSearchCell` (`impl: grouped`, DARTS only): as fused, and each parametric op runs for all k
   edges of a node at once, as grouped convs (`side_by_side`) on the ReLU'd input repeated k times,
   edge-major, so each edge's pointwise conv reads its own contiguous channel block (a channel-multiplier
   depthwise conv would emit [channel, edge] order and need a transposing copy); one BN over the k*C
   channels is k per-edge BNs; the conv ops' outputs are summed per node before the edge split. About
-  half the kernels per step of `fused` (6.9k vs 12.3k), which is what bounds the step on a GPU
-  (docs/performance.md); on the CPU it is ~15% slower than `fused` (oneDNN's depthwise backward over
-  k*C channels is slower than k of them over C), so `fused` stays the default until a GPU says so.
+  half the kernels per step of `fused` (3.7k vs 7.6k), which is what bounds the step on a GPU
+  (docs/performance.md); on the CPU it is 10-15% slower than `fused` at CIFAR size (oneDNN's depthwise
+  backward over k*C channels is slower than k of them over C), so `fused` stays the default until a
+  GPU says so.
 
 Options: `channels_last` (NHWC activations) and `checkpoint_cells` (recompute each cell in backward).
 """
