@@ -15,7 +15,7 @@ SHARED=${SDARTS_SHARED:-../shared}
 PY=${PY:-.venv/bin/python}
 [ -d "$SHARED/wheels/device-py312" ] || { echo "error: $SHARED/wheels/device-py312 not found" >&2; exit 2; }
 for d in .whl .gpu .gpu2; do
-  git check-ignore -q "$d" || { echo "error: $d is not ignored by git (.gitignore)" >&2; exit 2; }
+  git check-ignore -q "$d/" || { echo "error: $d is not ignored by git (.gitignore)" >&2; exit 2; }
 done
 
 rm -rf .whl && mkdir .whl && cp "$SHARED"/wheels/device-py312/*.whl .whl/
