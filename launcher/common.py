@@ -17,7 +17,7 @@ EXIT_SAVE_FAILED = 4
 def _user_errors() -> tuple[type[BaseException], ...]:
     from sdarts.config import ConfigError
     from sdarts.data.sources import DataError
-    from sdarts.engine import CheckpointError
+    from sdarts.errors import CheckpointError
     from sdarts.genotype import GenotypeError
     from sdarts.search.loop import RunDirError
     from sdarts.benchmarks.nb201 import TableError
@@ -31,7 +31,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def fail_cleanly():
     """Turns the library's user-facing errors into `error: <one line>` and exit 2."""
-    from sdarts.engine import CheckpointSaveError, NumericalFault
+    from sdarts.errors import CheckpointSaveError, NumericalFault
     try:
         yield
     except NumericalFault as e:
@@ -59,6 +59,15 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
+def quiet_deepspeed() -> None:
+    """DeepSpeed's INFO chatter drowns the search's lines; its logger is set up (at INFO) when deepspeed is
+    first imported, so this runs again where the library imports it. Never imports deepspeed itself: a
+    subcommand that does not train (`sdarts nb201`) should not pay seconds and an accelerator warning."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if "deepspeed.utils" in sys.modules:
+        sys.modules["deepspeed.utils"].logger.setLevel(logging.WARNING)
+
+
 def setup_logging(all_ranks: bool = False) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if (rank == 0 or all_ranks) else logging.WARNING
@@ -67,9 +76,7 @@ def setup_logging(all_ranks: bool = False) -> None:
     logging.getLogger("sdarts").setLevel(level)
     # DeepSpeed's own INFO chatter drowns the search's lines
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    with contextlib.suppress(ImportError):
-        from deepspeed.utils import logger as ds_logger
-        ds_logger.setLevel(logging.WARNING)
+    quiet_deepspeed()
     # Library handlers (DeepSpeed's among them) keep the stderr of the moment they were made; an entry
     # point called again in one process (tests, notebooks) must not write to a stream closed since.
     # Plain assignment: setStream would flush the old, closed, stream first.

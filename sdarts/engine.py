@@ -25,21 +25,8 @@ import torch
 
 from sdarts.config import SearchConfig
 from sdarts.distributed import all_agree, barrier
+from sdarts.errors import CheckpointError, CheckpointSaveError, NumericalFault  # noqa: F401 - re-exported
 from sdarts.optim import CombinedOptimizer, cosine_lr
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, from another space or not a checkpoint; names the path."""
-
-
-class NumericalFault(RuntimeError):
-    """A non-finite loss in fp32/bf16: the step is refused before any parameter moves (search and
-    retrain; the CLI prints it with the step and the last good checkpoint, exit code 3)."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """A checkpoint that could not be written (disk full, quota, I/O error). Not bad input: the run
-    stops with one line naming the failed tag and the checkpoint `latest` still names (kept intact)."""
 
 
 def ds_config(micro_batch: int, accum: int, world: int, precision: str, autocast: bool, zero_stage: int,

@@ -13,11 +13,12 @@ import ast
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-import torch
+from sdarts.spaces.candidates import DARTS_OPS, NB201_OPS
 
-from sdarts.spaces.ops import DARTS_OPS, NB201_OPS
+if TYPE_CHECKING:  # derivation takes tensors, but parsing and lookups must not import torch
+    import torch
 
 
 class GenotypeError(ValueError):

@@ -78,6 +78,19 @@ def test_cli_prints_six_accuracies(table, tmp_path):
     assert json.loads(r.stdout.strip().splitlines()[-1])["cifar10_test"] == pytest.approx(54.30, abs=0.006)
 
 
+def test_cli_lookup_imports_neither_torch_nor_deepspeed(table):
+    """A table lookup is a CSV read: it answered in ~5 s (torch, DeepSpeed and DeepSpeed's accelerator
+    warning on stderr) before genotypes, op names and the CLI's error plumbing stopped importing them."""
+    probe = ("import json, sys; from launcher.cli import main; rc = main(sys.argv[1:]); "
+             "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'deepspeed': 'deepspeed' in sys.modules}))")
+    r = run_cli(["-c", probe, "nb201", "--genotype", SINGLE_DARTS, "--table", table])
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert json.loads(lines[0])["nb201_index"] == 9930
+    assert json.loads(lines[-1]) == {"rc": 0, "torch": False, "deepspeed": False}
+    assert r.stderr == ""
+
+
 @pytest.mark.parametrize("genotype,table_name,needle", [
     ("nope.json", None, "genotype file not found"),
     ("darts_v2", None, "no NAS-Bench-201 entry"),

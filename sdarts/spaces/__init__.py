@@ -1,12 +1,16 @@
 """Search spaces: `build_supernet(cfg)` returns the supernet (with its alpha) for `cfg.space`."""
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from sdarts.config import SearchConfig
+if TYPE_CHECKING:  # importing a submodule (candidates: op names only) must not import torch
+    import torch
+
+    from sdarts.config import SearchConfig
 
 
 def build_supernet(cfg: SearchConfig) -> torch.nn.Module:
+    import torch
     # alpha noise from its own generator so it does not depend on how many weights were initialised
     g = torch.Generator().manual_seed(cfg.seed + 1)
     a = dict(activation=cfg.arch.activation, init=cfg.arch.init, init_std=cfg.arch.init_std, generator=g)

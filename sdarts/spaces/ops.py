@@ -12,13 +12,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-NB201_OPS: tuple[str, ...] = ("none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3")
-DARTS_OPS: tuple[str, ...] = (
-    "none", "max_pool_3x3", "avg_pool_3x3", "skip_connect",
-    "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
-)
-#: ops with no parameters: the ones a collapsing search drifts to.
-PARAMETER_FREE: frozenset[str] = frozenset({"none", "skip_connect", "avg_pool_3x3", "max_pool_3x3"})
+from sdarts.spaces.candidates import DARTS_OPS, NB201_OPS, PARAMETER_FREE  # noqa: F401 - the names, re-exported
 
 
 class Zero(nn.Module):
