@@ -59,24 +59,15 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def quiet_deepspeed() -> None:
-    """DeepSpeed's INFO chatter drowns the search's lines; its logger is set up (at INFO) when deepspeed is
-    first imported, so this runs again where the library imports it. Never imports deepspeed itself: a
-    subcommand that does not train (`sdarts nb201`) should not pay seconds and an accelerator warning."""
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    if "deepspeed.utils" in sys.modules:
-        sys.modules["deepspeed.utils"].logger.setLevel(logging.WARNING)
-
-
 def setup_logging(all_ranks: bool = False) -> None:
     rank = int(os.environ.get("RANK", "0"))
     level = logging.INFO if (rank == 0 or all_ranks) else logging.WARNING
     fmt = "%(asctime)s sdarts" + (f"[{rank}]" if all_ranks else "") + " %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
     logging.getLogger("sdarts").setLevel(level)
-    # DeepSpeed's own INFO chatter drowns the search's lines
+    # DeepSpeed's own INFO chatter drowns the search's lines (its logger is this one; importing deepspeed
+    # here would cost every subcommand, `sdarts nb201` too, seconds and an accelerator warning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    quiet_deepspeed()
     # Library handlers (DeepSpeed's among them) keep the stderr of the moment they were made; an entry
     # point called again in one process (tests, notebooks) must not write to a stream closed since.
     # Plain assignment: setStream would flush the old, closed, stream first.

@@ -5,7 +5,6 @@ A single `python launcher/search.py` has no RANK/WORLD_SIZE; DeepSpeed would the
 """
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
@@ -40,10 +39,6 @@ def init(device: str = "auto") -> tuple[int, int, int, torch.device]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
-    from deepspeed.utils import logger as ds_logger
-    # DeepSpeed makes its logger at INFO when first imported (here, not at program start): its per-step
-    # chatter would drown the run's own lines
-    ds_logger.setLevel(max(ds_logger.level, logging.WARNING))
     # Only used for inference all-reduce on CPU; compiling it costs ~45 s at the first initialize.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     import deepspeed.comm as dist

@@ -135,9 +135,13 @@ def test_fp16_overflow_skips_the_step_for_w_and_alpha_and_counts_it():
     from search_helpers import changed, make, snapshot, tiny_cfg
     se, strat, tr, _ = make(tiny_cfg(precision="fp16", **{"engine.autocast": "false"}))
     b = next(iter(tr))
-    huge = Batch(torch.full_like(b.x, 6e4), b.y, b.ids)  # activations overflow fp16 -> inf loss and grads
+    # real images scaled to ~6e4: the stem's conv overflows fp16 -> inf/NaN loss and grads. (A constant
+    # 6e4 image did not: its conv output is one value per channel, which BN maps to 0, a finite loss;
+    # this test never ran before a CPU with avx512_fp16, and then failed on that premise.)
+    huge = Batch(b.x * 6e4, b.y, b.ids)
     w0, a0 = snapshot(se.module)
-    strat.step(iter([huge]), None)
+    res = strat.step(iter([huge]), None)
+    assert not torch.isfinite(res.loss), "the batch must overflow fp16 for this test to say anything"
     w1, a1 = snapshot(se.module)
     assert not changed(w0, w1) and not changed(a0, a1)
     assert se.skipped_steps() == 1

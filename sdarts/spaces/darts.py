@@ -140,10 +140,11 @@ class _PerNodeCell(nn.Module):
     def _stride(self, j: int) -> int:
         return 2 if self.reduction and j < 2 else 1
 
-    def _free_weights(self, weights: torch.Tensor) -> list[torch.Tensor]:
+    def _free_weights(self, node_major: torch.Tensor) -> list[torch.Tensor]:
         """Per source node j, the [k_j, o_j] weights of its outgoing edges (rows, in `out_edges` order)
-        on its parameter-free ops (columns, in `_frees` order): cut once per cell, two ops."""
-        rows = list(weights.index_select(0, self.node_major).index_select(1, self.free_idx).split(self.ks))
+        on its parameter-free ops (columns, in `_frees` order), from the cell's weights in node-major
+        edge order (`weights.index_select(0, self.node_major)`): cut once per cell."""
+        rows = list(node_major.index_select(1, self.free_idx).split(self.ks))
         if "skip_connect" in self.k and self.reduction:  # strided nodes: the pools only
             for j in range(2):
                 rows[j] = rows[j].index_select(1, self.pool_cols)
@@ -212,7 +213,7 @@ class FusedSearchCell(_PerNodeCell):
         # each, one backward), where indexing weights[e][k] op by op cost a select, a select_backward
         # and a gradient accumulation each (~2700 ops per step in the 8-cell supernet), and each BN
         # scale an expand + copy + sum: one expanded copy per cell now serves them all.
-        free_w = self._free_weights(weights)
+        free_w = self._free_weights(weights.index_select(0, self.node_major))
         scale_rows = weights.index_select(1, self.scaled_idx).unsqueeze(-1).expand(-1, -1, C).contiguous().unbind(0)
         fr_rows = None
         if self.reduction and "skip_connect" in k:  # the strided skip (FactorizedReduce) scales its BN
@@ -333,9 +334,10 @@ class GroupedSearchCell(_PerNodeCell):
         # backward) rather than op by op (a select, a select_backward and a gradient accumulation
         # each); the BN scales of node j are one [ops, k*C] block of a single expanded copy, each edge's
         # weight repeated over its C channels.
-        free_w = self._free_weights(weights)
-        scales = weights.index_select(0, self.node_major).index_select(1, self.scaled_idx).t().unsqueeze(-1) \
-            .expand(-1, -1, C).contiguous().view(len(self.scaled), -1).split(self.widths, 1)
+        w = weights.index_select(0, self.node_major)
+        free_w = self._free_weights(w)
+        scales = w.index_select(1, self.scaled_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous() \
+            .view(len(self.scaled), -1).split(self.widths, 1)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
         for j, out_edges in enumerate(self.out_edges):
