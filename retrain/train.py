@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from sdarts.config import dump
-from sdarts.distributed import all_agree, barrier, init
+from sdarts.distributed import barrier, init
 from sdarts.engine import CheckpointError, NumericalFault, check_precision, ds_config, write_ds_config
 from sdarts.genotype import Genotype, save as save_genotype
-from sdarts.preempt import EXIT_PREEMPTED, Preempted, PreemptionSignals
-from sdarts.runlog import JsonlLog, atomic_write
+from sdarts.preempt import PreemptionSignals
+from sdarts.runlog import JsonlLog, StepProgress, atomic_write
 
 from retrain.checkpoint import load_last, save_best, save_last
 from retrain.config import RetrainConfig
@@ -196,6 +196,7 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
 
     signals = PreemptionSignals()
     steps_per_epoch = len(train_loader) // accum
+    progress = StepProgress(metrics, tb, "train", cfg.log.every_steps, steps_per_epoch, is_main and cfg.log.progress)
     if is_main:
         log.info("network: %s, %.2fM params (no aux head); %d ranks x %d x %d accum = global batch %d, lr %.4g",
                  type(model).__name__, params / 1e6, world, cfg.data.micro_batch, accum,
@@ -210,13 +211,8 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
             train_loader.set_epoch(epoch)
             batches = iter(train_loader)
             done = train_loader.state_dict().get("position", 0) // accum
-            bar = None
-            if is_main and cfg.log.progress:
-                from tqdm import tqdm
-                bar = tqdm(total=steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           leave=False, dynamic_ncols=True)
+            progress.start_epoch(epoch, cfg.epochs, done)
             engine.train()
-            t_log, n_log = time.time(), 0
             for _ in range(done, steps_per_epoch):
                 loss_sum, correct, seen = 0.0, 0, 0
                 for _ in range(accum):  # one optimizer step = accum micro-batches
@@ -237,35 +233,18 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                 if ema is not None:
                     ema.update(model)
                 step += 1
-                n_log += seen * world
-                if step % cfg.log.every_steps == 0 or step % steps_per_epoch == 0:
-                    ips = n_log / max(time.time() - t_log, 1e-9)
-                    rec = {"step": step, "epoch": epoch, "split": "train", "loss": loss_sum / accum,
-                           "acc": correct / max(seen, 1), "lr_w": lr, "drop_path": model.drop_path_prob,
-                           "images_per_s": ips, "rank": rank}
-                    metrics.append(rec)
-                    if tb:
-                        for k in ("loss", "acc", "lr_w", "images_per_s"):
-                            tb.add_scalar(f"train/{k}", rec[k], step)
-                    if bar:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
-                    t_log, n_log = time.time(), 0
-                if bar:
-                    bar.update(1)
-                if all_agree(signals.flag):
-                    checkpoint(epoch)
-                    if is_main:
-                        log.warning("preemption signal: checkpoint at step %d written, exiting with %d",
-                                    step, EXIT_PREEMPTED)
-                    raise Preempted()
+                progress.step(step, seen * world, lambda ips: {
+                    "step": step, "epoch": epoch, "split": "train", "loss": loss_sum / accum,
+                    "acc": correct / max(seen, 1), "lr_w": lr, "drop_path": model.drop_path_prob,
+                    "images_per_s": ips, "rank": rank})
+                signals.stop_if_asked(lambda: checkpoint(epoch), step, announce=is_main)
                 if cfg.max_steps and step >= cfg.max_steps and step % steps_per_epoch != 0:
                     capped = True
                     break
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 \
                         and step % steps_per_epoch != 0:
                     checkpoint(epoch)
-            if bar:
-                bar.close()
+            progress.end_epoch()
             if capped:
                 checkpoint(epoch)
                 break

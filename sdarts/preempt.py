@@ -7,7 +7,9 @@ requeue. A second signal during the save only sets the flag again.
 """
 from __future__ import annotations
 
+import logging
 import signal
+from typing import Callable
 
 #: exit code after a preemption signal was handled and the checkpoint written
 EXIT_PREEMPTED = 124
@@ -30,6 +32,17 @@ class PreemptionSignals:
 
     def _handler(self, signum, frame):
         self.flag = True
+
+    def stop_if_asked(self, checkpoint: Callable[[], None], step: int, announce: bool) -> None:
+        """At a step boundary: if any rank got a signal, every rank writes the checkpoint and the run
+        exits with `EXIT_PREEMPTED` (the flag is all-reduced, so all ranks stop at the same step)."""
+        from sdarts.distributed import all_agree
+        if all_agree(self.flag):
+            checkpoint()
+            if announce:
+                logging.getLogger("sdarts").warning(
+                    "preemption signal: checkpoint at step %d written, exiting with %d", step, EXIT_PREEMPTED)
+            raise Preempted()
 
     def restore(self) -> None:
         for sig, h in self.previous.items():

@@ -1,4 +1,5 @@
-"""Run-directory files: append-only JSONL logs that can be cut back to a checkpoint on resume.
+"""Run-directory files: append-only JSONL logs that can be cut back to a checkpoint on resume, and the
+per-step progress both training loops (search, retrain) write into them.
 
 `metrics.jsonl` and `alphas.jsonl` carry a `step` in every line; on resume, lines written after the
 checkpoint being resumed are dropped (temp file + rename), so an interrupted-and-resumed run leaves
@@ -8,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -59,3 +62,50 @@ class JsonlLog:
             except json.JSONDecodeError:
                 break
         return out
+
+
+class StepProgress:
+    """What the search and retrain loops do after every optimizer step: count images for images/s over
+    the logging window, and every `every_steps` steps and at the end of each epoch write a
+    `metrics.jsonl` record, its TensorBoard scalars (`<tb_prefix>/loss|acc|lr_w|images_per_s`) and the
+    progress bar's postfix.
+
+    The record is built by the loop's callable, given images/s, and only when one is due: reading a
+    loss or an accuracy from the device is a host sync, which a GPU step should not pay every step.
+    """
+
+    def __init__(self, metrics: JsonlLog, tb: Any, tb_prefix: str, every_steps: int, steps_per_epoch: int,
+                 show_bar: bool):
+        self.metrics, self.tb, self.tb_prefix = metrics, tb, tb_prefix
+        self.every_steps, self.steps_per_epoch, self.show_bar = every_steps, steps_per_epoch, show_bar
+        self.bar = None
+        self._t, self._images = time.time(), 0
+
+    def start_epoch(self, epoch: int, epochs: int, done: int) -> None:
+        """`done`: steps of this epoch already taken (a resumed run starts mid-epoch)."""
+        if self.show_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
+                            leave=False, dynamic_ncols=True)
+        self._t, self._images = time.time(), 0
+
+    def step(self, step: int, images: int, record: Callable[[float], dict]) -> None:
+        """After optimizer step `step`, which took `images` images over all ranks."""
+        self._images += images
+        if step % self.every_steps == 0 or step % self.steps_per_epoch == 0:
+            ips = self._images / max(time.time() - self._t, 1e-9)
+            rec = record(ips)
+            self.metrics.append(rec)
+            if self.tb:
+                for k in ("loss", "acc", "lr_w", "images_per_s"):
+                    self.tb.add_scalar(f"{self.tb_prefix}/{k}", rec[k], step)
+            if self.bar:
+                self.bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
+            self._t, self._images = time.time(), 0
+        if self.bar:
+            self.bar.update(1)
+
+    def end_epoch(self) -> None:
+        if self.bar:
+            self.bar.close()
+            self.bar = None

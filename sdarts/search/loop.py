@@ -18,10 +18,10 @@ from sdarts import genotype as G
 from sdarts.analysis.hook import SearchAnalysis
 from sdarts.config import SearchConfig, dump
 from sdarts.data import build_search_loaders
-from sdarts.distributed import all_agree, barrier, init
-from sdarts.preempt import EXIT_PREEMPTED, Preempted, PreemptionSignals
+from sdarts.distributed import barrier, init
+from sdarts.preempt import PreemptionSignals
 from sdarts.engine import SearchEngine, write_ds_config
-from sdarts.runlog import JsonlLog, atomic_write
+from sdarts.runlog import JsonlLog, StepProgress, atomic_write
 from sdarts.search.strategies import NumericalFault, make_strategy
 from sdarts.spaces import build_supernet
 
@@ -130,6 +130,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     signals = PreemptionSignals()
     valid_iter = valid_loader.cycle() if strategy.uses_valid else None
     steps_per_epoch = len(train_loader) // (accum * strategy.train_batches_per_step)
+    progress = StepProgress(metrics, tb, "search", cfg.log.every_steps, steps_per_epoch, is_main and cfg.log.progress)
     genotype = model.genotype()
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -137,12 +138,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
             train_loader.set_epoch(epoch)
             train_iter = iter(train_loader)
             done_in_epoch = train_loader.position // (accum * strategy.train_batches_per_step)
-            bar = None
-            if is_main and cfg.log.progress:
-                from tqdm import tqdm
-                bar = tqdm(total=steps_per_epoch, initial=done_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           leave=False, dynamic_ncols=True)
-            t_log, n_log = time.time(), 0
+            progress.start_epoch(epoch, cfg.epochs, done_in_epoch)
             for _ in range(done_in_epoch, steps_per_epoch):
                 try:
                     res = strategy.step(train_iter, valid_iter)
@@ -153,32 +149,15 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                                          f"(--resume continues from it; consider a lower optim.w.lr)") from None
                 step += 1
                 analysis.maybe_log(step, epoch, res)
-                n_log += res.images * world
-                if step % cfg.log.every_steps == 0 or step % steps_per_epoch == 0:
-                    ips = n_log / max(time.time() - t_log, 1e-9)
-                    rec = {"step": step, "epoch": epoch, "split": "train", "loss": float(res.loss), "acc": float(res.acc),
-                           "lr_w": se.opt.lr("w"), "lr_alpha": se.opt.lr("alpha"), "images_per_s": ips,
-                           "rank": rank, "elapsed_s": round(time.time() - t_start, 3)}
-                    metrics.append(rec)
-                    if tb:
-                        for k in ("loss", "acc", "lr_w", "images_per_s"):
-                            tb.add_scalar(f"search/{k}", rec[k], step)
-                    if bar:
-                        bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{ips:.0f}")
-                    t_log, n_log = time.time(), 0
-                if bar:
-                    bar.update(1)
-                if all_agree(signals.flag):
-                    checkpoint(epoch)
-                    if is_main:
-                        log.warning("preemption signal: checkpoint at step %d written, exiting with %d",
-                                    step, EXIT_PREEMPTED)
-                    raise Preempted()
+                progress.step(step, res.images * world, lambda ips: {
+                    "step": step, "epoch": epoch, "split": "train", "loss": float(res.loss), "acc": float(res.acc),
+                    "lr_w": se.opt.lr("w"), "lr_alpha": se.opt.lr("alpha"), "images_per_s": ips,
+                    "rank": rank, "elapsed_s": round(time.time() - t_start, 3)})
+                signals.stop_if_asked(lambda: checkpoint(epoch), step, announce=is_main)
                 if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 \
                         and step % steps_per_epoch != 0:
                     checkpoint(epoch)
-            if bar:
-                bar.close()
+            progress.end_epoch()
             # epoch end: alpha snapshot, genotype, (score), checkpoint
             genotype = model.genotype()
             alpha_history.append(_alpha_record(model, step, epoch + 1))
