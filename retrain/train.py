@@ -228,14 +228,16 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                     engine.backward(loss)
                     engine.step()
                     loss_sum += value
-                    correct += int((logits.detach().argmax(1) == y).sum())
+                    # a device tensor, read only when a record is due: an int() here would stall the host
+                    # until the optimizer step finished, every step
+                    correct = correct + (logits.detach().argmax(1) == y).sum()
                     seen += y.numel()
                 if ema is not None:
                     ema.update(model)
                 step += 1
                 progress.step(step, seen * world, lambda ips: {
                     "step": step, "epoch": epoch, "split": "train", "loss": loss_sum / accum,
-                    "acc": correct / max(seen, 1), "lr_w": lr, "drop_path": model.drop_path_prob,
+                    "acc": int(correct) / max(seen, 1), "lr_w": lr, "drop_path": model.drop_path_prob,
                     "images_per_s": ips, "rank": rank})
                 signals.stop_if_asked(lambda: checkpoint(epoch), step, announce=is_main)
                 if cfg.max_steps and step >= cfg.max_steps and step % steps_per_epoch != 0:
