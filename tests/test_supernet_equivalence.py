@@ -179,6 +179,11 @@ def test_fused_equals_classic_float64(space):
     # a second step sees the running statistics and alpha of the first (no optimizer: same weights)
     x, y = _inputs(space, seed=2)
     _assert_same(classic, fused, x, y, rtol=1e-9, atol=1e-10)
+    # every BN stepped its counter once per training forward, as in the classic net, also where the fast
+    # cells leave the counting to one foreach op (`fused.count_bn_steps`)
+    counts = [{m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+              for model in (classic, fused)]
+    assert counts[1] == counts[0] and len(counts[0]) == 1, counts
 
 
 @pytest.mark.parametrize("space", SPACES)

@@ -21,7 +21,7 @@ Three implementations of the cell compute the same function:
   edge-major, so each edge's pointwise conv reads its own contiguous channel block (a channel-multiplier
   depthwise conv would emit [channel, edge] order and need a transposing copy); one BN over the k*C
   channels is k per-edge BNs; the conv ops' outputs are summed per node before the edge split. About
-  half the kernels per step of `fused` (3.7k vs 7.6k), which is what bounds the step on a GPU
+  half the kernels per step of `fused` (3.3k vs 6.8k), which is what bounds the step on a GPU
   (docs/performance.md); on the CPU it is 10-15% slower than `fused` at CIFAR size (oneDNN's depthwise
   backward over k*C channels is slower than k of them over C), so `fused` stays the default until a
   GPU says so.
@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import DARTS_STEPS, DartsGenotype, darts_edges, derive_darts
-from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, dense_grad, weighted_bn, weighted_mix
+from sdarts.spaces.fused import (avg_pool_3x3, bn_count_later, checkpoint_cell, count_bn_steps, deferred_counters,
+                                 dense_grad, weighted_bn, weighted_mix)
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, darts_op
 
 EDGES = darts_edges()
@@ -137,6 +138,14 @@ class _PerNodeCell(nn.Module):
         self.register_buffer("pool_cols", torch.tensor([self.free_names.index(n) for n in self.pool_names],
                                                        dtype=torch.long), persistent=False)
 
+    def count_later_bns(self) -> list[nn.BatchNorm2d]:
+        """The BNs this cell calls without stepping their counters (the supernet steps them all at once:
+        `fused.count_bn_steps`): the pools' and the ops'; the preprocessing modules count themselves."""
+        return deferred_counters(self.pool_bn) + deferred_counters(self._op_modules())
+
+    def _op_modules(self) -> nn.Module:
+        raise NotImplementedError
+
     def _stride(self, j: int) -> int:
         return 2 if self.reduction and j < 2 else 1
 
@@ -156,9 +165,9 @@ class _PerNodeCell(nn.Module):
         stride, out = self._stride(j), []
         for n in self.free_names:
             if n == "max_pool_3x3":
-                out.append(self.pool_bn[j][n](F.max_pool2d(x, 3, stride, 1)))
+                out.append(bn_count_later(F.max_pool2d(x, 3, stride, 1), self.pool_bn[j][n]))
             elif n == "avg_pool_3x3":
-                out.append(self.pool_bn[j][n](avg_pool_3x3(x, stride)))
+                out.append(bn_count_later(avg_pool_3x3(x, stride), self.pool_bn[j][n]))
             elif stride == 1:
                 out.append(x)
         return out
@@ -241,9 +250,9 @@ class FusedSearchCell(_PerNodeCell):
                         h = r
                         if name.startswith("sep"):
                             first = op[0]
-                            h = F.relu(first[3](first[2](first[1](h))))
+                            h = F.relu(bn_count_later(first[2](first[1](h)), first[3]))
                         h = last[2](last[1](h))
-                        terms.append(weighted_bn(h, last[3], scale[ca[name]]))
+                        terms.append(weighted_bn(h, last[3], scale[ca[name]], count=False))
                     elif name == "skip_connect" and stride > 1:
                         terms.append(self._factorized_reduce(ops[k[name]], r, shifted, fr_rows[e]))
                 out = terms[0]
@@ -254,10 +263,13 @@ class FusedSearchCell(_PerNodeCell):
         states.append(acc[-1])
         return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
 
+    def _op_modules(self) -> nn.Module:
+        return self.edges
+
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor,
                            scale: torch.Tensor) -> torch.Tensor:
         """The strided skip (FactorizedReduce) with its BN scaled by the edge weight (`scale`: [C])."""
-        return weighted_bn(torch.cat(self._strided_skip_paths(fr, r, shifted), dim=1), fr.bn, scale)
+        return weighted_bn(torch.cat(self._strided_skip_paths(fr, r, shifted), dim=1), fr.bn, scale, count=False)
 
     def _load_ops_from_classic(self, classic: "SearchCell") -> None:
         """Per-edge modules: the classic op's state as it is."""
@@ -375,8 +387,11 @@ class GroupedSearchCell(_PerNodeCell):
         h = r_rep
         if sep:
             first, op = op[0], op[1]
-            h = F.relu(first[3](first[2](first[1](h))))
-        return weighted_bn(op[2](op[1](h)), op[3], scale)
+            h = F.relu(bn_count_later(first[2](first[1](h)), first[3]))
+        return weighted_bn(op[2](op[1](h)), op[3], scale, count=False)
+
+    def _op_modules(self) -> nn.Module:
+        return self.node_ops
 
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, k: int,
                            scale: torch.Tensor) -> torch.Tensor:
@@ -384,7 +399,7 @@ class GroupedSearchCell(_PerNodeCell):
         a, b = self._strided_skip_paths(fr, r, r[:, :, 1::2, 1::2])
         half = self.C // 2  # edge m's output is [a_m, b_m], as FactorizedReduce's cat
         y = torch.cat([t for ab in zip(a.split(half, 1), b.split(half, 1)) for t in ab], dim=1)
-        return weighted_bn(y, fr.bn, scale)
+        return weighted_bn(y, fr.bn, scale, count=False)
 
     def _grouped(self, edge_index: int, op: str) -> tuple[nn.Module | None, int, int]:
         """The module holding `op` for edge `edge_index` (None if parameter-free), its block m and k."""
@@ -468,6 +483,8 @@ class DartsSupernet(nn.Module):
         self.edge_names = EDGE_NAMES
         self.channels_last = channels_last
         self.checkpoint_cells = checkpoint_cells
+        # BNs whose step counters the fast cells leave to one foreach op per training forward
+        self._count_later = [bn for c in self.cells if hasattr(c, "count_later_bns") for bn in c.count_later_bns()]
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -475,6 +492,8 @@ class DartsSupernet(nn.Module):
         self.checkpoint_cells = on
 
     def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.training:
+            count_bn_steps(self._count_later)
         w = weights or self.arch.weights()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

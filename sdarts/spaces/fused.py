@@ -9,6 +9,7 @@ tensors kept for backward (measured in docs/performance.md):
 - `avg_pool_3x3`: on CPU, `avg_pool2d(count_include_pad=False)` in NCHW is slow (about 4x a
   depthwise conv of the same size, measured); a depthwise 3x3 conv with a ones kernel times a
   constant 1/count map computes the same average. NHWC and GPU tensors use the native pooling.
+- `count_bn_steps`: the BN step counters of a supernet's cells in one op per forward, not one per BN.
 - `weighted_mix`: every outgoing edge's weighted sum of a node's parameter-free outputs (pools,
   identity skip) as one matmul, instead of a scalar multiply and an add per (edge, op).
 - `dense_grad`: hands dense gradients to the nodes that feed the cell's output concat.
@@ -29,25 +30,53 @@ from torch.utils.checkpoint import checkpoint
 _INV_COUNT: dict[tuple, torch.Tensor] = {}
 
 
-def weighted_bn(x: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor) -> torch.Tensor:
+def weighted_bn(x: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor, count: bool = True) -> torch.Tensor:
     """`scale * bn(x)` for an affine-free `bn`; `scale` is per channel ([C]) and differentiable.
 
     Mirrors `nn.BatchNorm2d.forward` (running statistics, momentum, `num_batches_tracked`), so the
-    module's buffers evolve exactly as when the module itself is called.
+    module's buffers evolve exactly as when the module itself is called; `count=False` leaves the
+    `num_batches_tracked` step to `count_bn_steps` (see there).
     """
     if bn.affine:
         raise ValueError("weighted_bn folds the edge weight into an affine-free BN only")
+    # contiguous: torch 2.14's CPU channels_last BN backward reads the weight as if it were dense; a
+    # stride-0 (expanded) weight gave garbage/NaN input gradients (found with MALLOC_PERTURB_)
+    return _batch_norm(x, bn, scale.contiguous(), None, count)
+
+
+def bn_count_later(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """`bn(x)`, leaving the `num_batches_tracked` step to `count_bn_steps`."""
+    return _batch_norm(x, bn, bn.weight, bn.bias, count=False)
+
+
+def count_bn_steps(bns: list[nn.modules.batchnorm._BatchNorm]) -> None:
+    """Steps the `num_batches_tracked` of BNs called with `count=False` (`weighted_bn`, `bn_count_later`):
+    all of a supernet's in one foreach op per training forward instead of one add per BN call. Each
+    add is a kernel of its own (785 of the fused DARTS step's 7555), and the counter only matters for
+    `momentum=None` BNs, which count at the call (`_batch_norm`) and must not be passed here."""
+    counters = [bn.num_batches_tracked for bn in bns]
+    if counters:
+        torch._foreach_add_(counters, 1)
+
+
+def deferred_counters(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BNs below `module` that `count_bn_steps` steps: tracking statistics, with a momentum."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and m.num_batches_tracked is not None and m.momentum is not None]
+
+
+def _batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, count: bool) -> torch.Tensor:
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
+        if count or bn.momentum is None:
+            bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             factor = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
-    # contiguous: torch 2.14's CPU channels_last BN backward reads the weight as if it were dense; a
-    # stride-0 (expanded) weight gave garbage/NaN input gradients (found with MALLOC_PERTURB_)
     return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
-                        scale.contiguous(), None, use_batch_stats, factor, bn.eps)
+                        weight, bias, use_batch_stats, factor, bn.eps)
 
 
 def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

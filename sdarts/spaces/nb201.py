@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import NB201_EDGES, NB201Genotype, derive_nb201
-from sdarts.spaces.fused import avg_pool_3x3, checkpoint_cell, weighted_bn, weighted_mix
+from sdarts.spaces.fused import (avg_pool_3x3, checkpoint_cell, count_bn_steps, deferred_counters, weighted_bn,
+                                 weighted_mix)
 from sdarts.spaces.ops import NB201_OPS, ResNetBasicBlock, nb201_op
 
 EDGE_NAMES: tuple[str, ...] = tuple(f"{i}<-{j}" for i, j in NB201_EDGES)
@@ -104,14 +105,20 @@ class FusedCell(nn.Module):
             # copy, so the step stays capturable in a CUDA graph)
             w = weights.index_select(0, getattr(self, f"out_idx{j}"))
             r = F.relu(node)
-            c3 = weighted_bn(self.conv3[j](r), self.bn3[j], _per_channel(w[:, ix["nor_conv_3x3"]], C)).split(C, 1)
-            c1 = weighted_bn(self.conv1[j](r), self.bn1[j], _per_channel(w[:, ix["nor_conv_1x1"]], C)).split(C, 1)
+            c3 = weighted_bn(self.conv3[j](r), self.bn3[j], _per_channel(w[:, ix["nor_conv_3x3"]], C),
+                             count=False).split(C, 1)
+            c1 = weighted_bn(self.conv1[j](r), self.bn1[j], _per_channel(w[:, ix["nor_conv_1x1"]], C),
+                             count=False).split(C, 1)
             # every outgoing edge's skip and pool terms, weighted, as one matmul (`weighted_mix`)
             mixed = weighted_mix([node, avg_pool_3x3(node)], w.index_select(1, self.free_idx))
             for k, i in enumerate(range(j + 1, NODES)):
                 out = mixed[k] + c3[k] + c1[k]
                 acc[i] = out if acc[i] is None else acc[i] + out
         return acc[NODES - 1]
+
+    def count_later_bns(self) -> list[nn.BatchNorm2d]:
+        """The BNs this cell calls without stepping their counters (`fused.count_bn_steps`)."""
+        return deferred_counters(self.bn3) + deferred_counters(self.bn1)
 
     @torch.no_grad()
     def load_from_classic(self, classic: ClassicCell) -> None:
@@ -159,6 +166,8 @@ class NB201Supernet(nn.Module):
         self.edge_names = EDGE_NAMES
         self.channels_last = channels_last
         self.checkpoint_cells = checkpoint_cells
+        # BNs whose step counters the fused cells leave to one foreach op per training forward
+        self._count_later = [bn for c in self.cells if isinstance(c, FusedCell) for bn in c.count_later_bns()]
         if channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -166,6 +175,8 @@ class NB201Supernet(nn.Module):
         self.checkpoint_cells = on
 
     def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if self.training:
+            count_bn_steps(self._count_later)
         w = (weights or self.arch.weights())["normal"]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
