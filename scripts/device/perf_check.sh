@@ -36,14 +36,15 @@ fi
 # 2. supernet step, bf16: the DARTS ImageNet supernet first (the open target), at batch 64 (classic vs default vs
 #    grouped, eager and graphed), then at the micro-batch the launcher plans for one H100/H200 (PLAN_BATCH: 360 =
 #    the paper's global batch on one GPU; `launcher/plan.py --job configs/search/darts_imagenet.yaml --gpu h200`);
-#    then NB201 in fp32 with graphs
+#    (`fused+graphs` is the default cell in NCHW: which layout wins once launches are gone); then NB201 in fp32
+#    with graphs. The tests and bench phases take up to ~480 s: call with timeout_s >= 500.
 if [[ " $PHASES " == *" bench "* ]]; then
   timeout ${BENCH_S:-150} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
       --cases darts_imagenet --variants classic,default,default+graphs,grouped,grouped+graphs ${BENCH_EXTRA:-} \
       --steps 10 --warmup 3 > "$OUT/bench_bf16.txt" 2>&1
   echo "bench bf16 rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16.txt"
   timeout ${BENCH_S:-150} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
-      --cases darts_imagenet --variants default+graphs,grouped+graphs,grouped --imagenet-batch ${PLAN_BATCH:-360} \
+      --cases darts_imagenet --variants default+graphs,grouped+graphs,fused+graphs,grouped --imagenet-batch ${PLAN_BATCH:-360} \
       --steps 8 --warmup 3 > "$OUT/bench_bf16_plan.txt" 2>&1
   echo "bench bf16 batch ${PLAN_BATCH:-360} rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16_plan.txt"
   timeout 60 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \
