@@ -114,7 +114,7 @@ def weighted_mix(frees: list[torch.Tensor], w: torch.Tensor) -> list[torch.Tenso
     nhwc = _is_nhwc(frees[0])
     to_mem, from_mem = ((0, 2, 3, 1), (0, 3, 1, 2)) if nhwc else ((0, 1, 2, 3), (0, 1, 2, 3))
     s = torch.stack([f.permute(to_mem) for f in frees])  # [o, *memory-order shape], contiguous
-    out = torch.mm(w.to(s.dtype), s.view(len(frees), -1)).view(w.shape[0], *s.shape[1:])
+    out = torch.mm(w.to(s.dtype), s.reshape(len(frees), -1)).view(w.shape[0], *s.shape[1:])
     return [t.permute(from_mem) for t in out.unbind(0)]
 
 
