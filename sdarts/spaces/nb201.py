@@ -63,11 +63,6 @@ class ClassicCell(nn.Module):
         return nodes[-1]
 
 
-def _per_channel(w: torch.Tensor, C: int) -> torch.Tensor:
-    """[k] edge weights -> [k*C], each repeated over its edge's C channels (no device sync)."""
-    return w.unsqueeze(1).expand(-1, C).contiguous().view(-1)
-
-
 class FusedCell(nn.Module):
     """NB201 search cell with per-source-node shared work (same function as `ClassicCell`).
 
@@ -86,14 +81,29 @@ class FusedCell(nn.Module):
         self.bn1 = nn.ModuleList(nn.BatchNorm2d((NODES - 1 - j) * C, affine=False) for j in range(NODES - 1))
         self.idx = {name: k for k, name in enumerate(NB201_OPS)}
         self.out_edges = [[EDGE_NAMES.index(f"{i}<-{j}") for i in range(j + 1, NODES)] for j in range(NODES - 1)]
-        for j, rows in enumerate(self.out_edges):  # device-resident, so indexing needs no host copy
-            self.register_buffer(f"out_idx{j}", torch.tensor(rows), persistent=False)
-        # the parameter-free ops' columns, in `weighted_mix` order (identity, pooled)
+        self.ks = [len(rows) for rows in self.out_edges]
+        # device-resident indices (a Python-list index would be a host-to-device copy per step, and not
+        # CUDA-graph safe): the edges in source-node order, the convs' columns, and the parameter-free
+        # ops' columns in `weighted_mix` order (identity, pooled)
+        self.register_buffer("node_major", torch.tensor([e for rows in self.out_edges for e in rows]),
+                             persistent=False)
+        self.register_buffer("conv_idx", torch.tensor([self.idx["nor_conv_3x3"], self.idx["nor_conv_1x1"]]),
+                             persistent=False)
         self.register_buffer("free_idx", torch.tensor([self.idx["skip_connect"], self.idx["avg_pool_3x3"]]),
                              persistent=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        C, ix = self.C, self.idx
+        C = self.C
+        # Every weight the cell needs is cut once per cell (three `index_select`s and one expanded copy
+        # of the conv BN scales, then views), not per node and op: each cut is a kernel forward and one
+        # or two backward, ~450 of the NB201 step's kernels when done per node, and with CUDA graphs the
+        # GPU step is the kernel count (the CPU step time did not change either way).
+        wn = weights.index_select(0, self.node_major)  # [6, ops], node 0's edges first
+        widths = [k * C for k in self.ks]
+        # [2, 6*C]: the 3x3 and 1x1 convs' BN scales, each edge's weight repeated over its C channels
+        scales = wn.index_select(1, self.conv_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous().view(2, -1)
+        scale3, scale1 = scales[0].split(widths), scales[1].split(widths)
+        frees = wn.index_select(1, self.free_idx).split(self.ks)
         # acc[i] collects the weighted edge outputs flowing into node i; node j is complete once
         # every source before it was processed
         acc: list[torch.Tensor | None] = [None] * NODES
@@ -101,16 +111,11 @@ class FusedCell(nn.Module):
         for j in range(NODES - 1):
             if j > 0:
                 node = acc[j]
-            # [k, ops]: the edges leaving j, (j+1)<-j first (a device-resident index: no host-to-device
-            # copy, so the step stays capturable in a CUDA graph)
-            w = weights.index_select(0, getattr(self, f"out_idx{j}"))
             r = F.relu(node)
-            c3 = weighted_bn(self.conv3[j](r), self.bn3[j], _per_channel(w[:, ix["nor_conv_3x3"]], C),
-                             count=False).split(C, 1)
-            c1 = weighted_bn(self.conv1[j](r), self.bn1[j], _per_channel(w[:, ix["nor_conv_1x1"]], C),
-                             count=False).split(C, 1)
+            c3 = weighted_bn(self.conv3[j](r), self.bn3[j], scale3[j], count=False).split(C, 1)
+            c1 = weighted_bn(self.conv1[j](r), self.bn1[j], scale1[j], count=False).split(C, 1)
             # every outgoing edge's skip and pool terms, weighted, as one matmul (`weighted_mix`)
-            mixed = weighted_mix([node, avg_pool_3x3(node)], w.index_select(1, self.free_idx))
+            mixed = weighted_mix([node, avg_pool_3x3(node)], frees[j])
             for k, i in enumerate(range(j + 1, NODES)):
                 out = mixed[k] + c3[k] + c1[k]
                 acc[i] = out if acc[i] is None else acc[i] + out
