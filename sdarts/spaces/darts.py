@@ -130,28 +130,25 @@ class _PerNodeCell(nn.Module):
         # the parameter-free ops weighted by a scalar per edge (`weighted_mix`): pools and the identity
         # skip (stride 1); a strided skip is a FactorizedReduce, parametric
         self.free_names = [n for n in self.op_names if "pool" in n or n == "skip_connect"]
-        self.pool_names = [n for n in self.free_names if "pool" in n]
         self.ks = [len(es) for es in self.out_edges]
         self.register_buffer("node_major", torch.tensor([e for es in self.out_edges for e in es]), persistent=False)
         self.register_buffer("free_idx", torch.tensor([self.k[n] for n in self.free_names], dtype=torch.long),
                              persistent=False)
-        self.register_buffer("pool_cols", torch.tensor([self.free_names.index(n) for n in self.pool_names],
+        self.register_buffer("pool_cols", torch.tensor([i for i, n in enumerate(self.free_names) if "pool" in n],
                                                        dtype=torch.long), persistent=False)
 
     def count_later_bns(self) -> list[nn.BatchNorm2d]:
         """The BNs this cell calls without stepping their counters (the supernet steps them all at once:
-        `fused.count_bn_steps`): the pools' and the ops'; the preprocessing modules count themselves."""
-        return deferred_counters(self.pool_bn) + deferred_counters(self._op_modules())
-
-    def _op_modules(self) -> nn.Module:
-        raise NotImplementedError
+        `fused.count_bn_steps`): all but the preprocessing modules', which are called as modules."""
+        own = {id(m) for p in (self.preprocess0, self.preprocess1) for m in p.modules()}
+        return [bn for bn in deferred_counters(self) if id(bn) not in own]
 
     def _stride(self, j: int) -> int:
         return 2 if self.reduction and j < 2 else 1
 
     def _free_weights(self, node_major: torch.Tensor) -> list[torch.Tensor]:
         """Per source node j, the [k_j, o_j] weights of its outgoing edges (rows, in `out_edges` order)
-        on its parameter-free ops (columns, in `_frees` order), from the cell's weights in node-major
+        on its parameter-free ops (columns, in `_free_mix` order), from the cell's weights in node-major
         edge order (`weights.index_select(0, self.node_major)`): cut once per cell."""
         rows = list(node_major.index_select(1, self.free_idx).split(self.ks))
         if "skip_connect" in self.k and self.reduction:  # strided nodes: the pools only
@@ -159,18 +156,19 @@ class _PerNodeCell(nn.Module):
                 rows[j] = rows[j].index_select(1, self.pool_cols)
         return rows
 
-    def _frees(self, j: int, x: torch.Tensor) -> list[torch.Tensor]:
-        """Node j's parameter-free outputs, `_free_weights` column order: each pool + its BN (one per node,
-        shared by all outgoing edges: same input, same batch statistics), and at stride 1 the identity."""
-        stride, out = self._stride(j), []
+    def _free_mix(self, j: int, x: torch.Tensor, w: torch.Tensor) -> list[torch.Tensor] | None:
+        """Per outgoing edge of node j, its parameter-free ops weighted by `w` (`_free_weights`[j]) and
+        summed (`weighted_mix`); None when the op set has none. The pools + their BN are computed once
+        per node for all its edges (same input, same batch statistics); the identity only at stride 1."""
+        stride, frees = self._stride(j), []
         for n in self.free_names:
             if n == "max_pool_3x3":
-                out.append(bn_count_later(F.max_pool2d(x, 3, stride, 1), self.pool_bn[j][n]))
+                frees.append(bn_count_later(F.max_pool2d(x, 3, stride, 1), self.pool_bn[j][n]))
             elif n == "avg_pool_3x3":
-                out.append(bn_count_later(avg_pool_3x3(x, stride), self.pool_bn[j][n]))
+                frees.append(bn_count_later(avg_pool_3x3(x, stride), self.pool_bn[j][n]))
             elif stride == 1:
-                out.append(x)
-        return out
+                frees.append(x)
+        return weighted_mix(frees, w) if frees else None
 
     @staticmethod
     def _strided_skip_paths(fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor
@@ -236,8 +234,7 @@ class FusedSearchCell(_PerNodeCell):
             x = states[j]
             stride = self._stride(j)
             r = F.relu(x)
-            frees = self._frees(j, x)
-            mixed = weighted_mix(frees, free_w[j]) if frees else None  # per edge: pools + identity, weighted
+            mixed = self._free_mix(j, x, free_w[j])  # per edge: pools + identity, weighted
             shifted = r[:, :, 1::2, 1::2] if stride > 1 and "skip_connect" in k else None
             for m, e in enumerate(out_edges):
                 scale = scale_rows[e].unbind(0)
@@ -262,9 +259,6 @@ class FusedSearchCell(_PerNodeCell):
                 acc[i] = out if acc[i] is None else acc[i] + out
         states.append(acc[-1])
         return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
-
-    def _op_modules(self) -> nn.Module:
-        return self.edges
 
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor,
                            scale: torch.Tensor) -> torch.Tensor:
@@ -371,8 +365,7 @@ class GroupedSearchCell(_PerNodeCell):
                 y = self._factorized_reduce(ops["skip_connect"], r, k, scale["skip_connect"])
                 grouped = y if grouped is None else grouped + y
             parts = grouped.split(C, 1) if grouped is not None else None
-            frees = self._frees(j, x)
-            mixed = weighted_mix(frees, free_w[j]) if frees else None  # per edge: pools + identity, weighted
+            mixed = self._free_mix(j, x, free_w[j])  # per edge: pools + identity, weighted
             for m, e in enumerate(out_edges):
                 terms = [t[m] for t in (mixed, parts) if t is not None]
                 i = EDGES[e][0]
@@ -389,9 +382,6 @@ class GroupedSearchCell(_PerNodeCell):
             first, op = op[0], op[1]
             h = F.relu(bn_count_later(first[2](first[1](h)), first[3]))
         return weighted_bn(op[2](op[1](h)), op[3], scale, count=False)
-
-    def _op_modules(self) -> nn.Module:
-        return self.node_ops
 
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, k: int,
                            scale: torch.Tensor) -> torch.Tensor:
