@@ -17,9 +17,8 @@ EXIT_SAVE_FAILED = 4
 def _user_errors() -> tuple[type[BaseException], ...]:
     from sdarts.config import ConfigError
     from sdarts.data.sources import DataError
-    from sdarts.errors import CheckpointError
+    from sdarts.errors import CheckpointError, RunDirError
     from sdarts.genotype import GenotypeError
-    from sdarts.search.loop import RunDirError
     from sdarts.benchmarks.nb201 import TableError
     errs = [ConfigError, DataError, CheckpointError, GenotypeError, RunDirError, TableError, FileNotFoundError]
     with contextlib.suppress(ImportError):

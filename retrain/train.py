@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from sdarts.distributed import barrier, init
 from sdarts.engine import CheckpointError, NumericalFault, check_precision, ds_config, write_ds_config
 from sdarts.genotype import Genotype, save as save_genotype
 from sdarts.preempt import PreemptionSignals
-from sdarts.runlog import JsonlLog, StepProgress, atomic_write
+from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
 
 from retrain.checkpoint import load_last, save_best, save_last
 from retrain.config import RetrainConfig
@@ -37,23 +36,6 @@ from retrain.recipe import Ema, drop_path_at, lr_at, smoothed_cross_entropy, top
 from retrain.summary import count_params
 
 log = logging.getLogger("sdarts")
-
-
-class RunDirError(ValueError):
-    """A run directory that would be clobbered; a ValueError so the CLI prints it as one line."""
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool, rank: int) -> None:
-    if rank == 0:
-        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-            if not force:
-                what = "finished" if (run_dir / "summary.json").exists() else "existing"
-                raise RunDirError(f"run directory {run_dir} holds an {what} run; pass --resume to continue "
-                                  f"it or --force to start over")
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-    barrier()
 
 
 def _diverged(ckpt_dir: Path, step: int, epoch: int, value: float) -> None:
@@ -128,7 +110,7 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
     rank, _, world, device = init(cfg.engine.device)
     check_precision(cfg.precision, device)
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume, force, rank)
+    prepare_run_dir(run_dir, resume, force, rank, ("checkpoints",))
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
     accum = cfg.engine.grad_accum

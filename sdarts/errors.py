@@ -19,3 +19,8 @@ class NumericalFault(RuntimeError):
 class CheckpointSaveError(RuntimeError):
     """A checkpoint that could not be written (disk full, quota, I/O error). Not bad input: the run
     stops with one line naming the failed tag and the checkpoint `latest` still names (kept intact)."""
+
+
+class RunDirError(ValueError):
+    """A run directory that holds an earlier run and would be clobbered: the CLI needs --resume
+    (continue it) or --force (start over). Names the directory."""

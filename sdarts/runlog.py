@@ -9,9 +9,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
+
+from sdarts.errors import RunDirError
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, force: bool, rank: int, subdirs: Iterable[str]) -> None:
+    """Refuses to clobber a run: a directory holding an earlier (finished or checkpointed) run needs
+    `resume` (continue it) or `force` (delete it and start over). Rank 0 decides and creates the
+    directory and its `subdirs`; every rank then waits at a barrier, so no rank writes into a directory
+    that is about to be deleted."""
+    from sdarts.distributed import barrier  # torch: kept out of this module's import
+    if rank == 0:
+        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+            if not force:
+                what = "finished" if (run_dir / "summary.json").exists() else "existing"
+                raise RunDirError(f"run directory {run_dir} holds an {what} run; pass --resume to continue "
+                                  f"it or --force to start over")
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for d in subdirs:
+            (run_dir / d).mkdir(exist_ok=True)
+    barrier()
 
 
 def atomic_write(path: Path, text: str) -> None:

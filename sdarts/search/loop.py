@@ -21,30 +21,11 @@ from sdarts.data import build_search_loaders
 from sdarts.distributed import barrier, init
 from sdarts.preempt import PreemptionSignals
 from sdarts.engine import SearchEngine, write_ds_config
-from sdarts.runlog import JsonlLog, StepProgress, atomic_write
+from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
 from sdarts.search.strategies import NumericalFault, make_strategy
 from sdarts.spaces import build_supernet
 
 log = logging.getLogger("sdarts")
-
-class RunDirError(RuntimeError):
-    pass
-
-
-def prepare_run_dir(run_dir: Path, resume: bool, force: bool, rank: int) -> None:
-    """Refuses to clobber a run: a finished or checkpointed run needs --resume (continue) or --force."""
-    if rank == 0:
-        if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-            if not force:
-                what = "finished" if (run_dir / "summary.json").exists() else "existing"
-                raise RunDirError(f"run directory {run_dir} holds an {what} run; pass --resume to continue "
-                                  f"it or --force to start over")
-            import shutil
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "genotypes").mkdir(exist_ok=True)
-    barrier()
-
 
 def _alpha_record(model, step: int, epoch: int) -> dict:
     probs = model.arch.probabilities()
@@ -63,7 +44,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     t_start = time.time()
     rank, local_rank, world, device = init(cfg.engine.device)
     run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume, force, rank)
+    prepare_run_dir(run_dir, resume, force, rank, ("genotypes",))
     is_main = rank == 0
     torch.manual_seed(cfg.seed)
     accum = cfg.engine.grad_accum
