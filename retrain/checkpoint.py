@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sdarts.engine import CheckpointError, CheckpointSaveError, save_atomic, verify_safe
+from sdarts.engine import CheckpointError, CheckpointSaveError, load_latest, read_latest, save_atomic
 
 
 def save_last(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -> None:
@@ -27,24 +27,14 @@ def save_last(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -
 
 def load_last(engine, ckpt_dir: Path, genotype_json: dict) -> dict | None:
     """Loads the checkpoint named by `latest` (None when there is none); refuses another genotype's."""
-    latest = ckpt_dir / "latest"
-    if not latest.exists():
-        return None
-    tag = latest.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise CheckpointError(f"{ckpt_dir / tag}: checkpoint named by {latest} is missing")
-    verify_safe(ckpt_dir / tag)
-    try:
-        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
-    except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint of this network ({first[:200]})") from None
+    client = load_latest(engine, ckpt_dir, "network")
     if client is None:
-        raise CheckpointError(f"{ckpt_dir / tag}: checkpoint could not be read")
+        return None
+    where = ckpt_dir / read_latest(ckpt_dir)
     if client.get("kind") != "retrain":
-        raise CheckpointError(f"{ckpt_dir / tag}: not a retrain checkpoint")
+        raise CheckpointError(f"{where}: not a retrain checkpoint")
     if client.get("genotype") != genotype_json:
-        raise CheckpointError(f"{ckpt_dir / tag}: checkpoint was trained with another genotype than --genotype")
+        raise CheckpointError(f"{where}: checkpoint was trained with another genotype than --genotype")
     return client
 
 

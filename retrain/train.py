@@ -23,7 +23,7 @@ import torch
 
 from sdarts.config import dump
 from sdarts.distributed import barrier, init
-from sdarts.engine import CheckpointError, NumericalFault, check_precision, ds_config, write_ds_config
+from sdarts.engine import CheckpointError, check_precision, ds_config, numerical_fault, write_ds_config
 from sdarts.genotype import Genotype, save as save_genotype
 from sdarts.preempt import PreemptionSignals
 from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
@@ -37,12 +37,6 @@ from retrain.summary import count_params
 
 log = logging.getLogger("sdarts")
 
-
-def _diverged(ckpt_dir: Path, step: int, epoch: int, value: float) -> None:
-    latest = ckpt_dir / "latest"
-    last = ckpt_dir / latest.read_text().strip() if latest.exists() else "none yet"
-    raise NumericalFault(f"step {step + 1} (epoch {epoch + 1}): non-finite loss ({value}); last good checkpoint: "
-                         f"{last} (--resume continues from it; consider a lower optim.w.lr)")
 
 
 @dataclass
@@ -206,7 +200,7 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                     # fp16 leaves overflow to DeepSpeed's loss scaler (it skips and counts the step);
                     # elsewhere a NaN/inf loss stops the run before backward, so no weight moves
                     if cfg.precision != "fp16" and not math.isfinite(value):
-                        _diverged(ckpt_dir, step, epoch, value)
+                        raise numerical_fault(ckpt_dir, step, epoch, f"non-finite loss ({value})")
                     engine.backward(loss)
                     engine.step()
                     loss_sum += value

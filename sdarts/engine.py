@@ -142,24 +142,50 @@ class SearchEngine:
 
     def load(self, ckpt_dir: Path) -> dict | None:
         """Loads the checkpoint named by `latest`; returns its client state (None when there is none)."""
-        latest = ckpt_dir / "latest"
-        if not latest.exists():
-            return None
-        tag = latest.read_text().strip()
-        if not (ckpt_dir / tag).is_dir():
-            raise CheckpointError(f"{ckpt_dir / tag}: checkpoint named by {latest} is missing")
-        verify_safe(ckpt_dir / tag)
-        try:
-            _, client = self.engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
-        except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint of this search ({first[:200]})") from None
-        if client is None:
-            raise CheckpointError(f"{ckpt_dir / tag}: checkpoint could not be read")
-        if client.get("space") != self.cfg.space:
-            raise CheckpointError(f"{ckpt_dir / tag}: checkpoint is from space {client.get('space')!r}, "
-                                  f"config says {self.cfg.space!r}")
+        client = load_latest(self.engine, ckpt_dir, "search")
+        if client is not None and client.get("space") != self.cfg.space:
+            raise CheckpointError(f"{ckpt_dir / read_latest(ckpt_dir)}: checkpoint is from space "
+                                  f"{client.get('space')!r}, config says {self.cfg.space!r}")
         return client
+
+
+def read_latest(ckpt_dir: Path) -> str | None:
+    """The tag `ckpt_dir/latest` names, None when there is no (readable, non-empty) `latest` yet."""
+    try:
+        return (Path(ckpt_dir) / "latest").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def numerical_fault(ckpt_dir: Path, step: int, epoch: int, what: str) -> NumericalFault:
+    """The one-line stop for a non-finite loss (both loops): the step, what went wrong, and the
+    checkpoint `--resume` would continue from."""
+    tag = read_latest(ckpt_dir)
+    last = ckpt_dir / tag if tag else "none yet"
+    return NumericalFault(f"step {step + 1} (epoch {epoch + 1}): {what}; last good checkpoint: {last} "
+                          f"(--resume continues from it; consider a lower optim.w.lr)")
+
+
+def load_latest(engine, ckpt_dir: Path, what: str) -> dict | None:
+    """Loads the checkpoint named by `latest` into `engine` and returns its client state (None when
+    there is no `latest`: a fresh start). Every file is checked with `verify_safe` first, because
+    DeepSpeed's loader unpickles arbitrary objects; a missing tag, a foreign network or an unreadable
+    file is one CheckpointError naming the tag directory (`what` says whose checkpoint was expected)."""
+    ckpt_dir = Path(ckpt_dir)
+    tag = read_latest(ckpt_dir)
+    if tag is None:
+        return None
+    if not (ckpt_dir / tag).is_dir():
+        raise CheckpointError(f"{ckpt_dir / tag}: checkpoint named by {ckpt_dir / 'latest'} is missing")
+    verify_safe(ckpt_dir / tag)
+    try:
+        _, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
+    except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint of this {what} ({first[:200]})") from None
+    if client is None:
+        raise CheckpointError(f"{ckpt_dir / tag}: checkpoint could not be read")
+    return client
 
 
 def save_atomic(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -> None:
@@ -194,7 +220,7 @@ def save_atomic(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int)
                 _prune(ckpt_dir, tag, keep)
             barrier()
             return
-    previous = _latest_tag(ckpt_dir)
+    previous = read_latest(ckpt_dir)
     if rank0:
         if previous != tag:
             shutil.rmtree(tag_dir, ignore_errors=True)
@@ -204,13 +230,6 @@ def save_atomic(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int)
     kept = f"{ckpt_dir / previous} is kept" if previous else "no earlier checkpoint exists"
     raise CheckpointSaveError(f"checkpoint {tag_dir} not saved: {error or 'another rank could not write its part'}"
                               f"; `latest` still names the last complete one, {kept} (--resume continues from it)")
-
-
-def _latest_tag(ckpt_dir: Path) -> str | None:
-    try:
-        return (ckpt_dir / "latest").read_text().strip() or None
-    except OSError:
-        return None
 
 
 def _prune(ckpt_dir: Path, tag: str, keep: int) -> None:

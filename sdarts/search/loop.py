@@ -20,7 +20,7 @@ from sdarts.config import SearchConfig, dump
 from sdarts.data import build_search_loaders
 from sdarts.distributed import barrier, init
 from sdarts.preempt import PreemptionSignals
-from sdarts.engine import SearchEngine, write_ds_config
+from sdarts.engine import SearchEngine, numerical_fault, write_ds_config
 from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
 from sdarts.search.strategies import NumericalFault, make_strategy
 from sdarts.spaces import build_supernet
@@ -124,10 +124,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                 try:
                     res = strategy.step(train_iter, valid_iter)
                 except NumericalFault as e:
-                    latest = ckpt_dir / "latest"
-                    last = f"{ckpt_dir / latest.read_text().strip()}" if latest.exists() else "none yet"
-                    raise NumericalFault(f"step {step + 1} (epoch {epoch + 1}): {e}; last good checkpoint: {last} "
-                                         f"(--resume continues from it; consider a lower optim.w.lr)") from None
+                    raise numerical_fault(ckpt_dir, step, epoch, str(e)) from None
                 step += 1
                 analysis.maybe_log(step, epoch, res)
                 progress.step(step, res.images * world, lambda ips: {
