@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 from sdarts.genotype import NB201_EDGES, DartsGenotype, NB201Genotype
 from sdarts.spaces.darts import imagenet_stem
-from sdarts.spaces.ops import FactorizedReduce, ReLUConvBN, ResNetBasicBlock, darts_op, nb201_op
+from sdarts.spaces.nb201 import build_tiny_network
+from sdarts.spaces.ops import FactorizedReduce, ReLUConvBN, darts_op, nb201_op
 
 __all__ = ["AuxiliaryHeadCIFAR", "AuxiliaryHeadImageNet", "Cell", "NB201Network", "NetworkCIFAR",
            "NetworkImageNet", "build_network", "drop_path", "reduction_indices"]
@@ -224,17 +225,7 @@ class NB201Network(nn.Module):
             raise TypeError(f"NB201Network needs an NB201 genotype, got space {getattr(genotype, 'space', genotype)!r}")
         self.drop_path_prob = 0.0  # accepted for a uniform interface; NB201 trains without drop-path
         self.auxiliary_head = None
-        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        layers: list[nn.Module] = []
-        C_prev = C
-        for stage, mult in enumerate((1, 2, 4)):
-            if stage > 0:
-                layers.append(ResNetBasicBlock(C_prev, C * mult, 2))
-            layers.extend(NB201Cell(genotype, C * mult) for _ in range(N))
-            C_prev = C * mult
-        self.cells = nn.ModuleList(layers)
-        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(C_prev, num_classes)
+        build_tiny_network(self, C, N, num_classes, lambda c: NB201Cell(genotype, c))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         x = self.stem(x)

@@ -36,9 +36,10 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import DARTS_STEPS, DartsGenotype, darts_edges, derive_darts
-from sdarts.spaces.fused import (avg_pool_3x3, bn_count_later, checkpoint_cell, count_bn_steps, deferred_counters,
+from sdarts.spaces.fused import (avg_pool_3x3, bn_count_later, checkpoint_cell, deferred_counters,
                                  dense_grad, weighted_bn, weighted_mix)
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, darts_op
+from sdarts.spaces.supernet import Supernet
 
 EDGES = darts_edges()
 EDGE_NAMES: tuple[str, ...] = tuple(f"{i}<-{j}" for i, j in EDGES)
@@ -435,7 +436,7 @@ def imagenet_stem(C_stem: int) -> tuple[nn.Module, nn.Module]:
     return stem0, stem1
 
 
-class DartsSupernet(nn.Module):
+class DartsSupernet(Supernet):
     space = "darts"
 
     def __init__(self, C: int = 16, layers: int = 8, num_classes: int = 10, stem: str = "cifar",
@@ -468,26 +469,11 @@ class DartsSupernet(nn.Module):
             C_pp, C_p = C_p, DARTS_STEPS * C_curr
         self.classifier = nn.Linear(C_p, num_classes)
         n = (len(EDGES), len(DARTS_OPS))
-        self.arch = ArchParams({"normal": n, "reduce": n}, activation, init, init_std, generator)
-        self.op_names = DARTS_OPS
-        self.edge_names = EDGE_NAMES
-        self.channels_last = channels_last
-        self.checkpoint_cells = checkpoint_cells
-        # BNs whose step counters the fast cells leave to one foreach op per training forward
-        self._count_later = [bn for c in self.cells if hasattr(c, "count_later_bns") for bn in c.count_later_bns()]
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
-
-    def set_checkpointing(self, on: bool) -> None:
-        self.checkpoint_cells = on
+        self._finish(ArchParams({"normal": n, "reduce": n}, activation, init, init_std, generator), DARTS_OPS,
+                     EDGE_NAMES, channels_last, checkpoint_cells)
 
     def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.training:
-            count_bn_steps(self._count_later)
-        w = weights or self.arch.weights()
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ckpt = self.checkpoint_cells and self.training and torch.is_grad_enabled()
+        x, w, ckpt = self._enter(x, weights)
         s0 = self.stem0(x)
         s1 = s0 if self.stem1 is None else self.stem1(s0)
         for cell in self.cells:
@@ -497,13 +483,6 @@ class DartsSupernet(nn.Module):
 
     def search_cells(self) -> list[nn.Module]:
         return list(self.cells)
-
-    def get_alphas(self) -> list[nn.Parameter]:
-        return list(self.arch.parameters())
-
-    def get_weights(self) -> list[nn.Parameter]:
-        alpha_ids = {id(p) for p in self.get_alphas()}
-        return [p for p in self.parameters() if id(p) not in alpha_ids]
 
     def genotype(self) -> DartsGenotype:
         return derive_darts(self.arch.probabilities(), self.op_names)

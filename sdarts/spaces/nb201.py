@@ -22,15 +22,18 @@ less memory for about one extra forward).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import NB201_EDGES, NB201Genotype, derive_nb201
-from sdarts.spaces.fused import (avg_pool_3x3, checkpoint_cell, count_bn_steps, deferred_counters, weighted_bn,
+from sdarts.spaces.fused import (avg_pool_3x3, checkpoint_cell, deferred_counters, weighted_bn,
                                  weighted_mix)
 from sdarts.spaces.ops import NB201_OPS, ResNetBasicBlock, nb201_op
+from sdarts.spaces.supernet import Supernet
 
 EDGE_NAMES: tuple[str, ...] = tuple(f"{i}<-{j}" for i, j in NB201_EDGES)
 NODES = 4
@@ -140,7 +143,27 @@ class FusedCell(nn.Module):
                     bn.running_var[sl].copy_(seq[2].running_var)
 
 
-class NB201Supernet(nn.Module):
+def build_tiny_network(net: nn.Module, C: int, N: int, num_classes: int, make_cell: Callable[[int], nn.Module]
+                       ) -> None:
+    """NAS-Bench-201's macro (AutoDL `TinyNetwork`), the one both the supernet and the retrained
+    network (`retrain/model.py`) use: sets `net.stem` (3x3 conv + BN), `net.cells` (three stages of N
+    `make_cell(channels)` at C, 2C, 4C with a residual reduction block between stages), `net.lastact`
+    (BN + ReLU) and `net.classifier`, registered in that order (the state_dict keys and the order of
+    initialisation both depend on it)."""
+    net.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+    layers: list[nn.Module] = []
+    C_prev = C
+    for stage, mult in enumerate((1, 2, 4)):
+        if stage > 0:
+            layers.append(ResNetBasicBlock(C_prev, C * mult, 2))
+        layers.extend(make_cell(C * mult) for _ in range(N))
+        C_prev = C * mult
+    net.cells = nn.ModuleList(layers)
+    net.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))
+    net.classifier = nn.Linear(C_prev, num_classes)
+
+
+class NB201Supernet(Supernet):
     """The NB201 supernet with its architecture parameters (`self.arch`)."""
 
     space = "nb201"
@@ -154,38 +177,13 @@ class NB201Supernet(nn.Module):
             raise ValueError(f"model.impl must be fused or classic, got {impl!r}")
         cell_cls = {"fused": FusedCell, "classic": ClassicCell}[impl]
         self.impl = impl
-        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
-        layers: list[nn.Module] = []
-        C_prev = C
-        for stage, mult in enumerate((1, 2, 4)):
-            if stage > 0:
-                layers.append(ResNetBasicBlock(C_prev, C * mult, 2))
-            layers.extend(cell_cls(C * mult) for _ in range(N))
-            C_prev = C * mult
-        self.cells = nn.ModuleList(layers)
-        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=True))
-        self.classifier = nn.Linear(C_prev, num_classes)
-        self.arch = ArchParams({"normal": (len(EDGE_NAMES), len(NB201_OPS))}, activation, init, init_std,
-                               generator)
-        self.op_names = NB201_OPS
-        self.edge_names = EDGE_NAMES
-        self.channels_last = channels_last
-        self.checkpoint_cells = checkpoint_cells
-        # BNs whose step counters the fused cells leave to one foreach op per training forward
-        self._count_later = [bn for c in self.cells if isinstance(c, FusedCell) for bn in c.count_later_bns()]
-        if channels_last:
-            self.to(memory_format=torch.channels_last)
-
-    def set_checkpointing(self, on: bool) -> None:
-        self.checkpoint_cells = on
+        build_tiny_network(self, C, N, num_classes, cell_cls)
+        self._finish(ArchParams({"normal": (len(EDGE_NAMES), len(NB201_OPS))}, activation, init, init_std,
+                                generator), NB201_OPS, EDGE_NAMES, channels_last, checkpoint_cells)
 
     def forward(self, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.training:
-            count_bn_steps(self._count_later)
-        w = (weights or self.arch.weights())["normal"]
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        ckpt = self.checkpoint_cells and self.training and torch.is_grad_enabled()
+        x, w, ckpt = self._enter(x, weights)
+        w = w["normal"]
         x = self.stem(x)
         for cell in self.cells:
             if not isinstance(cell, (ClassicCell, FusedCell)):
@@ -199,13 +197,6 @@ class NB201Supernet(nn.Module):
 
     def search_cells(self) -> list[nn.Module]:
         return [c for c in self.cells if isinstance(c, (ClassicCell, FusedCell))]
-
-    def get_alphas(self) -> list[nn.Parameter]:
-        return list(self.arch.parameters())
-
-    def get_weights(self) -> list[nn.Parameter]:
-        alpha_ids = {id(p) for p in self.get_alphas()}
-        return [p for p in self.parameters() if id(p) not in alpha_ids]
 
     def genotype(self) -> NB201Genotype:
         exclude = ("none",) if self.arch.activation == "sigmoid" else ()
