@@ -207,6 +207,9 @@ def test_features_only_through_hooks(arch):
     assert sub.feature_info.reduction() == STRIDES[arch][1:3] and len(sub(x)) == 2
 
 
+# torch 2.14 marks TorchScript tracing deprecated; deployments (C++ runtimes, older serving stacks) still
+# load traced models, so the export keeps working with it and the test says so instead of warning
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:FutureWarning")
 @pytest.mark.parametrize("arch", list(SMALL))
 def test_jit_trace_and_torch_export(arch):
     torch.manual_seed(0)
