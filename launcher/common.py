@@ -1,6 +1,7 @@
 """Shared CLI plumbing: bad input becomes one line on stderr and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -12,6 +13,17 @@ EXIT_BAD_INPUT = 2
 EXIT_NUMERICAL = 3
 #: a write failed (disk full, quota): the run stopped, `latest` still names the last complete checkpoint
 EXIT_SAVE_FAILED = 4
+
+
+def add_run_arguments(p: argparse.ArgumentParser, default_run_dir: str) -> None:
+    """The options every training entry point (search, retrain) takes after its own: config overrides,
+    the run directory, and what to do with one that holds a run already."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, repeatable)")
+    p.add_argument("--run-dir", default=None, help=f"output directory (default {default_run_dir})")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    p.add_argument("--force", action="store_true", help="discard an existing run directory")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

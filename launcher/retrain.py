@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from launcher.common import fail_cleanly, setup_logging  # noqa: E402
+from launcher.common import add_run_arguments, fail_cleanly, setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,12 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="YAML under configs/retrain/")
     p.add_argument("--genotype", required=True,
                    help="genotype JSON file (a search run's genotype.json) or a literature name, e.g. darts_v2")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, repeatable)")
-    p.add_argument("--run-dir", default=None, help="output directory (default runs/retrain-<config name>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
-    p.add_argument("--force", action="store_true", help="discard an existing run directory")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    add_run_arguments(p, "runs/retrain-<config name>")
     args = p.parse_args(argv)
 
     with fail_cleanly():
