@@ -32,7 +32,9 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py)
@@ -84,9 +86,23 @@ def _batches(case: str, batch: int):
     return common.cifar_batches(4, batch)
 
 
-def run_one(case: str, variant: str, device: str, precision: str, steps: int, warmup: int,
-            threads: int, imagenet_batch: int = 0) -> dict:
-    """Builds one supernet and times `steps` training steps after `warmup` untimed ones."""
+@dataclass
+class Step:
+    """One (case, variant) ready to train: `run()` takes the i-th training step on the cached batches."""
+    model: object
+    data: list
+    batch: int
+    step: Callable
+    base_rss: float
+
+    def run(self, i: int):
+        x, y = self.data[i % len(self.data)]
+        return self.step(x, y)
+
+
+def make_step(case: str, variant: str, device: str, precision: str, threads: int, imagenet_batch: int = 0) -> Step:
+    """Builds one supernet, its real optimizer and real batches on `device`, and the step closure
+    (graphs recorded, compile wrapped) that `run_one` times and `step_profile.py` profiles."""
     import torch
     import torch.nn.functional as F
     from sdarts.optim import CombinedOptimizer
@@ -104,6 +120,7 @@ def run_one(case: str, variant: str, device: str, precision: str, steps: int, wa
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(dev, memory_format=fmt)
     data = [(x.to(dev, memory_format=fmt), y.to(dev)) for x, y in data]
+    # peak memory counts from here: what training adds to the weights and the batches
     base_rss = common.current_rss_mb()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -136,15 +153,24 @@ def run_one(case: str, variant: str, device: str, precision: str, steps: int, wa
         opt.step()
         return loss
 
+    return Step(model, data, batch, step, base_rss)
+
+
+def run_one(case: str, variant: str, device: str, precision: str, steps: int, warmup: int,
+            threads: int, imagenet_batch: int = 0) -> dict:
+    """Times `steps` training steps of one (case, variant) after `warmup` untimed ones."""
+    import torch
+
+    st = make_step(case, variant, device, precision, threads, imagenet_batch)
+    batch, base_rss = st.batch, st.base_rss
     times: list[float] = []
     cpu_times: list[float] = []  # process CPU time: far less sensitive to other jobs on a shared CPU
     t_first = None
     for i in range(warmup + steps):
-        x, y = data[i % len(data)]
         if device == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = step(x, y)
+        loss = st.run(i)
         if device == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0

@@ -37,17 +37,22 @@ fi
 #    grouped, eager and graphed), then at the micro-batch the launcher plans for one H100/H200 (PLAN_BATCH: 360 =
 #    the paper's global batch on one GPU; `launcher/plan.py --job configs/search/darts_imagenet.yaml --gpu h200`);
 #    (`fused+graphs` is the default cell in NCHW: which layout wins once launches are gone); then NB201 in fp32
-#    with graphs. The tests and bench phases take up to ~480 s: call with timeout_s >= 500.
+#    with graphs. The tests and bench phases take up to ~520 s with set-up: call with timeout_s >= 540.
 if [[ " $PHASES " == *" bench "* ]]; then
-  timeout ${BENCH_S:-150} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
+  timeout ${BENCH_S:-130} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
       --cases darts_imagenet --variants classic,default,default+graphs,grouped,grouped+graphs ${BENCH_EXTRA:-} \
       --steps 10 --warmup 3 > "$OUT/bench_bf16.txt" 2>&1
   echo "bench bf16 rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16.txt"
-  timeout ${BENCH_S:-150} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
+  timeout ${BENCH_S:-130} python3 benchmarks/supernet_step.py --device cuda --precision bf16 \
       --cases darts_imagenet --variants default+graphs,grouped+graphs,fused+graphs,grouped --imagenet-batch ${PLAN_BATCH:-360} \
       --steps 8 --warmup 3 > "$OUT/bench_bf16_plan.txt" 2>&1
   echo "bench bf16 batch ${PLAN_BATCH:-360} rc=$? at $(el)s"; grep '^#' "$OUT/bench_bf16_plan.txt"
-  timeout 60 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \
+  # where the GPU time of that step goes: kernel time by category, and the ceiling a graphed step can reach
+  timeout ${PROFILE_S:-80} python3 benchmarks/step_profile.py --device cuda --precision bf16 --case darts_imagenet \
+      --imagenet-batch ${PLAN_BATCH:-360} --variants default,grouped --steps 3 --warmup 2 --top 25 \
+      > "$OUT/profile_plan.txt" 2>"$OUT/profile_plan.err"
+  echo "profile rc=$? at $(el)s"; grep -A12 '^==' "$OUT/profile_plan.txt" | grep -v '^top'
+  timeout 50 python3 benchmarks/supernet_step.py --device cuda --precision fp32 --cases nb201 \
       --variants classic,default,default+graphs --steps 40 --warmup 5 > "$OUT/bench_nb201_fp32.txt" 2>&1
   echo "bench nb201 fp32 rc=$? at $(el)s"; tail -2 "$OUT/bench_nb201_fp32.txt"
 fi
