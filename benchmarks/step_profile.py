@@ -7,8 +7,9 @@ the host's launch cost is gone and the step takes at least the sum of its kernel
 the category table says which kind of kernel to attack next (depthwise convs, BN, copies, ...). On
 CPU it sums the self CPU time of the ATen ops instead (the same step, the host's view).
 
-The same (case, variant) names and the same real batches as `supernet_step.py` (`make_step`).
-Prints, per variant, the top kernels and the time by category, then one JSON line.
+The same (case, variant) names and the same real batches as `supernet_step.py` (`make_step`), the same
+summary as a run's `log.profile_steps` (`sdarts.profiling.summarize`). Prints, per variant, the top
+kernels and the time by category, then one JSON line.
 
   python benchmarks/step_profile.py --device cuda --precision bf16 --case darts_imagenet \\
       --imagenet-batch 360 --variants default,grouped --steps 3
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -28,32 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py)
 from supernet_step import CASES, make_step, parse_variant  # noqa: E402
 
-#: first match wins; kernel (CUDA) and ATen op (CPU) names both
-CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("optimizer", r"foreach|multi_tensor|adam|sgd|clip|norm_kernel|lerp"),
-    ("batch_norm", r"batch_norm|batchnorm|bn_fw|bn_bw|welford"),
-    ("depthwise conv", r"depthwise|dw_|grouped_direct|conv_depthwise"),
-    ("layout transform", r"tonhwc|tonchw|nhwc2nchw|nchw2nhwc|transpose|permute"),
-    ("pool", r"pool"),
-    ("conv / gemm", r"conv|gemm|xmma|cudnn|wgrad|dgrad|fprop|mkldnn|mm\b|addmm|bmm|cutlass"),
-    ("copy / cat / index", r"copy|cat|index|gather|scatter|contiguous|clone"),
-    ("reduction", r"reduce|sum|mean|softmax|log_softmax|nll"),
-    ("elementwise", r"elementwise|vectorized|unrolled|add|mul|relu|threshold|div|sub|fill|where|sigmoid"),
-)
-
-
-def category(name: str) -> str:
-    low = name.lower()
-    for cat, pat in CATEGORIES:
-        if re.search(pat, low):
-            return cat
-    return "other"
+from sdarts.profiling import summarize  # noqa: E402
 
 
 def profile_one(case: str, variant: str, device: str, precision: str, steps: int, warmup: int, threads: int,
                 imagenet_batch: int, top: int) -> dict:
     import torch
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     st = make_step(case, variant, device, precision, threads, imagenet_batch)
@@ -71,35 +51,11 @@ def profile_one(case: str, variant: str, device: str, precision: str, steps: int
         for i in range(steps):
             st.run(warmup + steps + i)
         sync()
-    want = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
-    rows: dict[str, list[float]] = {}
-    for e in prof.key_averages():
-        if e.device_type != want:
-            continue
-        us = e.self_device_time_total if device == "cuda" else e.self_cpu_time_total
-        if us <= 0:
-            continue
-        r = rows.setdefault(e.key, [0.0, 0])
-        r[0] += us / steps
-        r[1] += e.count / steps
-    total = sum(r[0] for r in rows.values())
-    if total <= 0:
-        raise SystemExit(f"error: {case}/{variant}: the profile recorded no {want.name} time")
-    cats: dict[str, float] = {}
-    for name, (us, _) in rows.items():
-        cats[category(name)] = cats.get(category(name), 0.0) + us
-    ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
-    return {
-        "case": case, "variant": variant, "batch": st.batch, "steps": steps,
-        "wall_ms_per_step": round(wall * 1e3, 2),
-        "wall_images_per_s": round(st.batch / wall, 1),
-        "profiled_ms_per_step": round(total / 1e3, 2),  # CUDA: kernel time; CPU: ATen self time
-        "kernel_bound_images_per_s": round(st.batch / (total / 1e6), 1) if device == "cuda" else None,
-        "calls_per_step": round(sum(r[1] for r in rows.values()), 1),
-        "categories_ms": {k: round(v / 1e3, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-        "top": [{"name": n[:120], "ms": round(us / 1e3, 3), "calls": round(c, 1), "category": category(n)}
-                for n, (us, c) in ranked[:top]],
-    }
+    s = summarize(prof, steps, device, st.batch, top)
+    if s["profiled_ms_per_step"] <= 0:
+        raise SystemExit(f"error: {case}/{variant}: the profile recorded no time")
+    return {"case": case, "variant": variant, "wall_ms_per_step": round(wall * 1e3, 2),
+            "wall_images_per_s": round(st.batch / wall, 1), **s}
 
 
 def print_report(r: dict, device: str) -> None:

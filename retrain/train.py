@@ -26,6 +26,7 @@ from sdarts.distributed import barrier, init
 from sdarts.engine import CheckpointError, check_precision, ds_config, numerical_fault, write_ds_config
 from sdarts.genotype import Genotype, save as save_genotype
 from sdarts.preempt import PreemptionSignals
+from sdarts.profiling import StepProfiler
 from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
 
 from retrain.checkpoint import load_last, save_best, save_last
@@ -173,6 +174,8 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
     signals = PreemptionSignals()
     steps_per_epoch = len(train_loader) // accum
     progress = StepProgress(metrics, tb, "train", cfg.log.every_steps, steps_per_epoch, is_main and cfg.log.progress)
+    profiler = StepProfiler(run_dir / "profile", cfg.log.profile_warmup, cfg.log.profile_steps,
+                            is_main or cfg.log.all_ranks, device.type, rank, first_step=step)
     if is_main:
         log.info("network: %s, %.2fM params (no aux head); %d ranks x %d x %d accum = global batch %d, lr %.4g",
                  type(model).__name__, params / 1e6, world, cfg.data.micro_batch, accum,
@@ -211,6 +214,7 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                 if ema is not None:
                     ema.update(model)
                 step += 1
+                profiler.step_done(seen)
                 progress.step(step, seen * world, lambda ips: {
                     "step": step, "epoch": epoch, "split": "train", "loss": loss_sum / accum,
                     "acc": int(correct) / max(seen, 1), "lr_w": lr, "drop_path": model.drop_path_prob,
@@ -267,6 +271,7 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                 capped = True
                 break
     finally:
+        profiler.close()
         signals.restore()
         if tb:
             tb.close()

@@ -134,6 +134,10 @@ class LogConfig(_Strict):
     all_ranks: bool = False
     tensorboard: bool = True
     progress: bool = True
+    #: profile this many optimizer steps (torch.profiler; `<run_dir>/profile/`, sdarts/profiling.py); 0 = off
+    profile_steps: int = Field(default=0, ge=0)
+    #: steps this process takes before the profile starts (cuDNN autotuning, graph recording, allocator)
+    profile_warmup: int = Field(default=10, ge=0)
 
 
 class AnalysisConfig(_Strict):

@@ -20,6 +20,7 @@ from sdarts.config import SearchConfig, dump
 from sdarts.data import build_search_loaders
 from sdarts.distributed import barrier, init
 from sdarts.preempt import PreemptionSignals
+from sdarts.profiling import StepProfiler
 from sdarts.engine import SearchEngine, numerical_fault, write_ds_config
 from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
 from sdarts.search.strategies import NumericalFault, make_strategy
@@ -112,6 +113,8 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
     valid_iter = valid_loader.cycle() if strategy.uses_valid else None
     steps_per_epoch = len(train_loader) // (accum * strategy.train_batches_per_step)
     progress = StepProgress(metrics, tb, "search", cfg.log.every_steps, steps_per_epoch, is_main and cfg.log.progress)
+    profiler = StepProfiler(run_dir / "profile", cfg.log.profile_warmup, cfg.log.profile_steps,
+                            is_main or cfg.log.all_ranks, device.type, rank, first_step=step)
     genotype = model.genotype()
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -126,6 +129,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                 except NumericalFault as e:
                     raise numerical_fault(ckpt_dir, step, epoch, str(e)) from None
                 step += 1
+                profiler.step_done(res.images)
                 analysis.maybe_log(step, epoch, res)
                 progress.step(step, res.images * world, lambda ips: {
                     "step": step, "epoch": epoch, "split": "train", "loss": float(res.loss), "acc": float(res.acc),
@@ -155,6 +159,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
             train_loader.set_epoch(epoch + 1)
             checkpoint(epoch + 1)
     finally:
+        profiler.close()
         signals.restore()
         if tb:
             tb.close()
