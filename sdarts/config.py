@@ -136,8 +136,9 @@ class LogConfig(_Strict):
     progress: bool = True
     #: profile this many optimizer steps (torch.profiler; `<run_dir>/profile/`, sdarts/profiling.py); 0 = off
     profile_steps: int = Field(default=0, ge=0)
-    #: steps this process takes before the profile starts (cuDNN autotuning, graph recording, allocator)
-    profile_warmup: int = Field(default=10, ge=0)
+    #: steps this process takes before the profile starts; at least 1: a process's first step carries its
+    #: one-time costs (cuDNN autotuning, CUDA-graph recording, which a running profiler would also disturb)
+    profile_warmup: int = Field(default=10, ge=1)
 
 
 class AnalysisConfig(_Strict):
