@@ -73,8 +73,9 @@ class ModelConfig(_Strict):
     #: DARTS space stem: 'cifar' (3x3 conv) or 'imagenet' (three stride-2 convs, 8x downsampling)
     stem: Literal["cifar", "imagenet"] = "cifar"
     num_classes: int = Field(default=10, gt=1)
-    #: supernet implementation: 'fused' (default, fast), 'grouped' (DARTS space: a node's edges as grouped
-    #: convs, half the kernels of fused, ~15% slower on CPU) or 'classic' (op-by-op reference)
+    #: supernet implementation: 'fused' (default, fast), 'grouped' (DARTS space: a node's edges, and both
+    #: input nodes' edges together, as grouped convs: 0.45x the kernels of fused, for GPUs) or 'classic'
+    #: (op-by-op reference)
     impl: Literal["fused", "grouped", "classic"] = "fused"
     #: NHWC activations and conv weights; unset = on for impl 'fused'/'grouped', off for 'classic' (NHWC
     #: made the fused supernets ~1.5x faster on CPU, the classic one slower; docs/performance.md)

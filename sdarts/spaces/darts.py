@@ -302,15 +302,18 @@ def _rows(t: torch.Tensor, m: int, k: int) -> slice:
 
 
 class GroupedSearchCell(_PerNodeCell):
-    """The DARTS search cell with each source node's parametric ops as grouped convs (`impl: grouped`;
-    same function as `SearchCell` and `FusedSearchCell`, about half the kernels of `FusedSearchCell`).
+    """The DARTS search cell with the parametric ops of several edges as grouped convs (`impl: grouped`;
+    same function as `SearchCell` and `FusedSearchCell`, about 0.45x the kernels of `FusedSearchCell`).
 
-    Parameters live per source node j (k = len(out_edges[j]) outgoing edges, edge m = out_edges[j][m]):
-    `node_ops[j][op]` holds the op for all k edges, edge m's share being the m-th block of rows of
-    every tensor (`op_param_slices`, `op_state`): convs as `side_by_side` grouped convs, the strided
-    skip as a `FactorizedReduce(C, kC)` (conv_1/conv_2 with k*C/2 outputs, BN over kC channels; its
-    own forward is not used: `_factorized_reduce` interleaves the two paths per edge). `pool_bn[j]`
-    is the pools' BN, one per node (all its edges normalise the same tensor).
+    Edges are grouped by source: the cell's two inputs (nodes 0 and 1: same stride, 4 out-edges each)
+    form one group of 8 edges, every later node j its own group. Group g's conv ops live in
+    `group_ops[g][op]` for all its k edges, edge m of `group_edges[g]` owning the m-th block of rows of
+    every tensor (`op_param_slices`, `op_state`): `side_by_side` grouped convs fed the ReLU'd sources
+    repeated once per edge (edge-major channels, so no transposing copy), each BN over kC channels (BN is
+    per channel: k BNs in one call, running statistics included). The strided skip of a reduction cell
+    is per input node j (its two 1x1 paths read that node's input): `skip_ops[str(j)]`, a
+    `FactorizedReduce(C, 4C)` whose own forward is not used (`_factorized_reduce` interleaves the two
+    paths per edge). `pool_bn[j]` is the pools' BN, one per node (all its edges normalise the same tensor).
     """
 
     def __init__(self, C_pp: int, C_p: int, C: int, reduction: bool, reduction_prev: bool,
@@ -320,18 +323,21 @@ class GroupedSearchCell(_PerNodeCell):
         strided_skip = reduction and "skip_connect" in op_names
         if strided_skip and C % 2:
             raise ValueError(f"the strided skip (FactorizedReduce) needs an even C, got {C}")
-        node_ops = []
-        for j, out_edges in enumerate(self.out_edges):
-            k, stride = len(out_edges), 2 if reduction and j < 2 else 1
-            ops = {n: side_by_side(darts_op(n, C, stride, affine=False), k) for n in self.conv_names}
-            if strided_skip and stride > 1:
-                ops["skip_connect"] = FactorizedReduce(C, k * C, affine=False)
-            node_ops.append(nn.ModuleDict(ops))
-        self.node_ops = nn.ModuleList(node_ops)
-        # edges are cut in source-node order (`node_major`); per-channel scales (parametric ops, and the
-        # strided skip) go into their last BN
+        # nodes 0 and 1 share a stride and come first in node-major edge order: one group of 8 edges
+        self.groups = [[0, 1]] + [[j] for j in range(2, len(self.out_edges))]
+        self.group_of = {j: g for g, js in enumerate(self.groups) for j in js}
+        self.group_edges = [[e for j in js for e in self.out_edges[j]] for js in self.groups]
+        self.group_ops = nn.ModuleList(
+            nn.ModuleDict({n: side_by_side(darts_op(n, C, self._stride(js[0]), affine=False), len(es))
+                           for n in self.conv_names})
+            for js, es in zip(self.groups, self.group_edges))
+        self.skip_ops = nn.ModuleDict(
+            {str(j): FactorizedReduce(C, len(self.out_edges[j]) * C, affine=False) for j in (0, 1)}
+            if strided_skip else {})
+        # edges are cut in source-node order (`node_major`), so a group's edges are one block of rows;
+        # per-channel scales (parametric ops, and the strided skip) go into their last BN
         self.scaled = self.conv_names + (["skip_connect"] if strided_skip else [])
-        self.widths = [len(es) * C for es in self.out_edges]
+        self.widths = [len(es) * C for es in self.group_edges]
         self.register_buffer("scaled_idx", torch.tensor([self.k[n] for n in self.scaled], dtype=torch.long),
                              persistent=False)
 
@@ -339,7 +345,7 @@ class GroupedSearchCell(_PerNodeCell):
         C = self.C
         # Every weight the cell needs is cut once per cell (`index_select` + `split`, one op each, one
         # backward) rather than op by op (a select, a select_backward and a gradient accumulation
-        # each); the BN scales of node j are one [ops, k*C] block of a single expanded copy, each edge's
+        # each); the BN scales of group g are one [ops, k*C] block of a single expanded copy, each edge's
         # weight repeated over its C channels.
         w = weights.index_select(0, self.node_major)
         free_w = self._free_weights(w)
@@ -347,31 +353,44 @@ class GroupedSearchCell(_PerNodeCell):
             .view(len(self.scaled), -1).split(self.widths, 1)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
+
+        def add(i: int, t: torch.Tensor) -> None:
+            acc[i] = t if acc[i] is None else acc[i] + t
+
+        relus: dict[int, torch.Tensor] = {}
         for j, out_edges in enumerate(self.out_edges):
             if j >= 2:
                 states.append(acc[j])  # complete: every source before j was processed
             x = states[j]
-            k = len(out_edges)
-            ops = self.node_ops[j]
-            scale = dict(zip(self.scaled, scales[j].unbind(0)))
-            r = F.relu(x)
-            # [B, k*C, H', W'], edge-major: the node's parametric ops, weighted, summed over ops
+            relus[j] = F.relu(x)
+            mixed = self._free_mix(j, x, free_w[j])  # per edge: pools + identity, weighted
+            if mixed is not None:
+                for m, e in enumerate(out_edges):
+                    add(EDGES[e][0], mixed[m])
+            g = self.group_of[j]
+            if j != self.groups[g][-1]:
+                continue  # the group's conv ops run once all its sources are here
+            scale = dict(zip(self.scaled, scales[g].unbind(0)))
+            # [B, k*C, H', W'], edge-major: the group's parametric ops, weighted, summed over ops
             grouped = None
             if self.conv_names:
-                r_rep = r if k == 1 else torch.cat([r] * k, dim=1)
+                reps = [relus[i] for i in self.groups[g] for _ in self.out_edges[i]]
+                r_rep = reps[0] if len(reps) == 1 else torch.cat(reps, dim=1)
                 for name in self.conv_names:
-                    y = self._conv_op(ops[name], name.startswith("sep"), r_rep, scale[name])
+                    y = self._conv_op(self.group_ops[g][name], name.startswith("sep"), r_rep, scale[name])
                     grouped = y if grouped is None else grouped + y
-            if "skip_connect" in ops:
-                y = self._factorized_reduce(ops["skip_connect"], r, k, scale["skip_connect"])
+            if self.skip_ops and g == 0:  # the strided skip, per input node, into the group's channels
+                skips, at = [], 0
+                for i in self.groups[g]:
+                    k = len(self.out_edges[i])
+                    skips.append(self._factorized_reduce(self.skip_ops[str(i)], relus[i], k,
+                                                         scale["skip_connect"][at:at + k * C]))
+                    at += k * C
+                y = torch.cat(skips, dim=1)
                 grouped = y if grouped is None else grouped + y
-            parts = grouped.split(C, 1) if grouped is not None else None
-            mixed = self._free_mix(j, x, free_w[j])  # per edge: pools + identity, weighted
-            for m, e in enumerate(out_edges):
-                terms = [t[m] for t in (mixed, parts) if t is not None]
-                i = EDGES[e][0]
-                for t in terms:
-                    acc[i] = t if acc[i] is None else acc[i] + t
+            if grouped is not None:
+                for part, e in zip(grouped.split(C, 1), self.group_edges[g]):
+                    add(EDGES[e][0], part)
         states.append(acc[-1])
         return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
 
@@ -393,10 +412,17 @@ class GroupedSearchCell(_PerNodeCell):
         return weighted_bn(y, fr.bn, scale, count=False)
 
     def _grouped(self, edge_index: int, op: str) -> tuple[nn.Module | None, int, int]:
-        """The module holding `op` for edge `edge_index` (None if parameter-free), its block m and k."""
+        """The module holding `op` for edge `edge_index` (None if parameter-free), the edge's block m in it
+        and the number of blocks k."""
         j = EDGES[edge_index][1]
-        out_edges = self.out_edges[j]
-        return self.node_ops[j][op] if op in self.node_ops[j] else None, out_edges.index(edge_index), len(out_edges)
+        if op in self.conv_names:
+            g = self.group_of[j]
+            mod, edges = self.group_ops[g][op], self.group_edges[g]
+        elif op == "skip_connect" and str(j) in self.skip_ops:
+            mod, edges = self.skip_ops[str(j)], self.out_edges[j]
+        else:
+            return None, 0, 1
+        return mod, edges.index(edge_index), len(edges)
 
     def op_param_slices(self, edge_index: int, op: str) -> list[tuple[nn.Parameter, slice]]:
         """`op`'s weights on edge `edge_index` as (grouped parameter, output-channel slice), in the order
