@@ -25,6 +25,16 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def pick_cases(text: str, known: tuple[str, ...]) -> list[str]:
+    """The cases a comma-separated `--cases` names; an unknown one is one error line and exit code 2."""
+    cases = [c for c in text.split(",") if c]
+    bad = [c for c in cases if c not in known]
+    if bad:
+        print(f"error: unknown case {bad[0]!r}; expected one of {', '.join(known)}", file=sys.stderr)
+        sys.exit(2)
+    return cases
+
+
 def _normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)

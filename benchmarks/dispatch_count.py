@@ -95,11 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    cases = [c for c in args.cases.split(",") if c]
-    bad = [c for c in cases if c not in CASES]
-    if bad:
-        print(f"error: unknown case {bad[0]!r}; expected one of {', '.join(CASES)}", file=sys.stderr)
-        return 2
+    cases = common.pick_cases(args.cases, CASES)
     torch.set_num_threads(args.threads)
     results: dict[str, dict] = {}
     for case in cases:

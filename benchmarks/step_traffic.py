@@ -92,11 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="device memory bandwidth in TB/s for the floor (H200 4.8, H100 SXM 3.35, 2080 Ti 0.616)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    cases = [c for c in args.cases.split(",") if c]
-    bad = [c for c in cases if c not in CASES]
-    if bad:
-        print(f"error: unknown case {bad[0]!r}; expected one of {', '.join(CASES)}", file=sys.stderr)
-        return 2
+    cases = common.pick_cases(args.cases, CASES)
     torch.set_num_threads(args.threads)
     results: dict[str, dict] = {}
     print(f"{'case':16s} {'variant':9s} {'fwd GFLOP/img':>13s} {'read MB/img':>12s} {'written MB/img':>15s} "

@@ -256,10 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.threads, args.imagenet_batch)))
         return 0
 
-    cases = [c for c in args.cases.split(",") if c]
-    for c in cases:
-        if c not in CASES:
-            raise SystemExit(f"error: unknown case {c!r}; expected one of {', '.join(CASES)}")
+    cases = common.pick_cases(args.cases, CASES)
     variants = [v for v in args.variants.split(",") if v]
     extra = "".join(m for m, on in (("+compile", args.compile), ("+cl", args.channels_last)) if on)
     names = []
