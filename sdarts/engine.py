@@ -172,9 +172,12 @@ def load_latest(engine, ckpt_dir: Path, what: str) -> dict | None:
     DeepSpeed's loader unpickles arbitrary objects; a missing tag, a foreign network or an unreadable
     file is one CheckpointError naming the tag directory (`what` says whose checkpoint was expected)."""
     ckpt_dir = Path(ckpt_dir)
-    tag = read_latest(ckpt_dir)
-    if tag is None:
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
         return None
+    tag = read_latest(ckpt_dir)
+    if tag is None:  # written by temp file + rename, so never empty on its own: refuse, do not start afresh
+        raise CheckpointError(f"{latest}: empty or unreadable (it should name a checkpoint tag)")
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{ckpt_dir / tag}: checkpoint named by {ckpt_dir / 'latest'} is missing")
     verify_safe(ckpt_dir / tag)

@@ -61,3 +61,13 @@ def test_torn_save_leaves_latest_on_a_complete_checkpoint(finished, tmp_path):
     r = run_cli([*SMOKE, "--run-dir", str(run), "--resume"])
     assert r.returncode == 0, r.stderr[-1500:]
     assert (run / "summary.json").exists()
+
+
+def test_empty_latest_is_refused_not_restarted(finished, tmp_path):
+    """`latest` is replaced by temp file + rename, so an empty one is damage: --resume names it and stops
+    rather than silently starting the run over."""
+    run, pt = _copy(finished, tmp_path)
+    (run / "checkpoints" / "latest").write_text("")
+    r = run_cli([*SMOKE, "--run-dir", str(run), "--resume"])
+    assert r.returncode == 2 and "latest" in r.stderr and "empty" in r.stderr, r.stderr[-1500:]
+    assert pt.exists() and not (run / "summary.json").exists()
