@@ -39,7 +39,6 @@ from retrain.summary import count_params
 log = logging.getLogger("sdarts")
 
 
-
 @dataclass
 class RetrainResult:
     summary: dict

@@ -19,14 +19,15 @@ from sdarts.analysis.hook import SearchAnalysis
 from sdarts.config import SearchConfig, dump
 from sdarts.data import build_search_loaders
 from sdarts.distributed import barrier, init
+from sdarts.engine import SearchEngine, numerical_fault, write_ds_config
 from sdarts.preempt import PreemptionSignals
 from sdarts.profiling import StepProfiler
-from sdarts.engine import SearchEngine, numerical_fault, write_ds_config
 from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
 from sdarts.search.strategies import NumericalFault, make_strategy
 from sdarts.spaces import build_supernet
 
 log = logging.getLogger("sdarts")
+
 
 def _alpha_record(model, step: int, epoch: int) -> dict:
     probs = model.arch.probabilities()
