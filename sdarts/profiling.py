@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from sdarts.runlog import atomic_write
+
 log = logging.getLogger("sdarts")
 
 #: first match wins; CUDA kernel names and ATen op names (CPU) both
@@ -64,7 +66,8 @@ def summarize(prof: Any, steps: int, device_type: str, batch: int, top: int = 15
     total = sum(r[0] for r in rows.values())
     cats: dict[str, float] = {}
     for name, (us, _) in rows.items():
-        cats[category(name)] = cats.get(category(name), 0.0) + us
+        c = category(name)
+        cats[c] = cats.get(c, 0.0) + us
     ranked = sorted(rows.items(), key=lambda kv: -kv[1][0])
     return {
         "steps": steps, "batch": batch, "device": device_type,
@@ -88,29 +91,30 @@ class StepProfiler:
         self.out_dir, self.warmup, self.steps = Path(out_dir), warmup, steps
         self.on = enabled and steps > 0
         self.device_type, self.rank = device_type, rank
-        self.step = first_step  # the run's global step count (a resumed run starts past 0)
-        self._taken = 0         # steps this process took
+        # the run's global steps in the window (a resumed run starts past 0)
+        self.window = (first_step + warmup + 1, first_step + warmup + steps)
+        self._taken = 0  # steps this process took
         self._prof = None
         self._images = 0
-        self._first = 0
         if self.on and warmup == 0:
             self._start()
 
+    def _sync(self) -> None:
+        if self.device_type == "cuda":
+            import torch
+            torch.cuda.synchronize()
+
     def _start(self) -> None:
-        import torch
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device_type == "cuda" else [])
-        if self.device_type == "cuda":
-            torch.cuda.synchronize()
+        self._sync()
         self._prof = profile(activities=acts)
-        self._prof.__enter__()
-        self._first, self._images = self.step + 1, 0
+        self._prof.start()
 
     def step_done(self, images: int) -> None:
         """After one optimizer step of this process that took `images` images on this rank."""
         if not self.on:
             return
-        self.step += 1
         self._taken += 1
         if self._prof is not None:
             self._images += images
@@ -120,25 +124,21 @@ class StepProfiler:
             self._start()
 
     def _finish(self) -> None:
-        import torch
-        if self.device_type == "cuda":
-            torch.cuda.synchronize()
+        self._sync()
         prof, self._prof, self.on = self._prof, None, False
-        prof.__exit__(None, None, None)
+        prof.stop()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        stem = self.out_dir / f"rank{self.rank}"
-        prof.export_chrome_trace(str(stem) + ".trace.json")
+        prof.export_chrome_trace(str(self.out_dir / f"rank{self.rank}.trace.json"))
         s = summarize(prof, self.steps, self.device_type, round(self._images / self.steps))
-        s["run_steps"] = [self._first, self.step]
-        Path(str(stem) + ".summary.json").write_text(json.dumps(s, indent=2) + "\n")
+        s["run_steps"] = list(self.window)
+        atomic_write(self.out_dir / f"rank{self.rank}.summary.json", json.dumps(s, indent=2) + "\n")
         lead = next(iter(s["categories_ms"].items()), ("none", 0.0))
         what = "kernel time" if self.device_type == "cuda" else "ATen self time"
         log.info("profile of steps %d-%d: %.2f ms/step %s in %.0f calls, most in %s (%.2f ms); %s",
-                 self._first, self.step, s["profiled_ms_per_step"], what, s["calls_per_step"], lead[0], lead[1],
-                 self.out_dir)
+                 *self.window, s["profiled_ms_per_step"], what, s["calls_per_step"], lead[0], lead[1], self.out_dir)
 
     def close(self) -> None:
         """A run that ends (or stops) inside the window: the profiler is stopped, nothing is written."""
         if self._prof is not None:
-            self._prof.__exit__(None, None, None)
+            self._prof.stop()
             self._prof, self.on = None, False
