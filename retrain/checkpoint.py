@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sdarts.engine import CheckpointError, CheckpointSaveError, load_latest, read_latest, save_atomic
+from sdarts.engine import CheckpointSaveError, load_latest, save_atomic
 
 
 def save_last(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -> None:
@@ -27,15 +27,14 @@ def save_last(engine, ckpt_dir: Path, tag: str, client_state: dict, keep: int) -
 
 def load_last(engine, ckpt_dir: Path, genotype_json: dict) -> dict | None:
     """Loads the checkpoint named by `latest` (None when there is none); refuses another genotype's."""
-    client = load_latest(engine, ckpt_dir, "network")
-    if client is None:
+    def refuse(client: dict) -> str | None:
+        if client.get("kind") != "retrain":
+            return "not a retrain checkpoint"
+        if client.get("genotype") != genotype_json:
+            return "checkpoint was trained with another genotype than --genotype"
         return None
-    where = ckpt_dir / read_latest(ckpt_dir)
-    if client.get("kind") != "retrain":
-        raise CheckpointError(f"{where}: not a retrain checkpoint")
-    if client.get("genotype") != genotype_json:
-        raise CheckpointError(f"{where}: checkpoint was trained with another genotype than --genotype")
-    return client
+
+    return load_latest(engine, ckpt_dir, "network", refuse)
 
 
 def save_best(path: Path, state_dict: dict, meta: dict) -> None:

@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -142,11 +142,9 @@ class SearchEngine:
 
     def load(self, ckpt_dir: Path) -> dict | None:
         """Loads the checkpoint named by `latest`; returns its client state (None when there is none)."""
-        client = load_latest(self.engine, ckpt_dir, "search")
-        if client is not None and client.get("space") != self.cfg.space:
-            raise CheckpointError(f"{ckpt_dir / read_latest(ckpt_dir)}: checkpoint is from space "
-                                  f"{client.get('space')!r}, config says {self.cfg.space!r}")
-        return client
+        space = self.cfg.space
+        return load_latest(self.engine, ckpt_dir, "search", lambda c: None if c.get("space") == space else
+                           f"checkpoint is from space {c.get('space')!r}, config says {space!r}")
 
 
 def read_latest(ckpt_dir: Path) -> str | None:
@@ -166,11 +164,13 @@ def numerical_fault(ckpt_dir: Path, step: int, epoch: int, what: str) -> Numeric
                           f"(--resume continues from it; consider a lower optim.w.lr)")
 
 
-def load_latest(engine, ckpt_dir: Path, what: str) -> dict | None:
+def load_latest(engine, ckpt_dir: Path, what: str,
+                refuse: Callable[[dict], str | None] = lambda client: None) -> dict | None:
     """Loads the checkpoint named by `latest` into `engine` and returns its client state (None when
     there is no `latest`: a fresh start). Every file is checked with `verify_safe` first, because
-    DeepSpeed's loader unpickles arbitrary objects; a missing tag, a foreign network or an unreadable
-    file is one CheckpointError naming the tag directory (`what` says whose checkpoint was expected)."""
+    DeepSpeed's loader unpickles arbitrary objects; a missing tag, a foreign network, an unreadable
+    file or a client state `refuse` objects to (it returns the reason) is one CheckpointError naming
+    the tag directory (`what` says whose checkpoint was expected)."""
     ckpt_dir = Path(ckpt_dir)
     latest = ckpt_dir / "latest"
     if not latest.exists():
@@ -188,6 +188,9 @@ def load_latest(engine, ckpt_dir: Path, what: str) -> dict | None:
         raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint of this {what} ({first[:200]})") from None
     if client is None:
         raise CheckpointError(f"{ckpt_dir / tag}: checkpoint could not be read")
+    reason = refuse(client)
+    if reason:
+        raise CheckpointError(f"{ckpt_dir / tag}: {reason}")
     return client
 
 
