@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (benchmarks/common.py)
 from supernet_step import CASES, make_step, parse_variant  # noqa: E402
 
-from sdarts.profiling import summarize  # noqa: E402
+from sdarts.profiling import activities, summarize  # noqa: E402
 
 
 def profile_one(case: str, variant: str, device: str, precision: str, steps: int, warmup: int, threads: int,
                 imagenet_batch: int, top: int) -> dict:
     import torch
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import profile
 
     st = make_step(case, variant, device, precision, threads, imagenet_batch)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -46,8 +46,7 @@ def profile_one(case: str, variant: str, device: str, precision: str, steps: int
         st.run(warmup + i)
     sync()
     wall = (time.perf_counter() - t0) / steps
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=activities(device)) as prof:
         for i in range(steps):
             st.run(warmup + steps + i)
         sync()

@@ -48,6 +48,12 @@ def category(name: str) -> str:
     return "other"
 
 
+def activities(device_type: str) -> list:
+    """What to record: the host's ATen ops always, the device's kernels on CUDA."""
+    from torch.profiler import ProfilerActivity
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+
+
 def summarize(prof: Any, steps: int, device_type: str, batch: int, top: int = 15) -> dict:
     """Per-step time by category and the `top` kernels (CUDA: device time) or ATen ops (CPU: self time)
     of a finished `torch.profiler.profile` that covered `steps` steps of `batch` images each."""
@@ -105,10 +111,9 @@ class StepProfiler:
             torch.cuda.synchronize()
 
     def _start(self) -> None:
-        from torch.profiler import ProfilerActivity, profile
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device_type == "cuda" else [])
+        from torch.profiler import profile
         self._sync()
-        self._prof = profile(activities=acts)
+        self._prof = profile(activities=activities(self.device_type))
         self._prof.start()
 
     def step_done(self, images: int) -> None:
