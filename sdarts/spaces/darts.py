@@ -379,14 +379,12 @@ class GroupedSearchCell(_PerNodeCell):
                 for name in self.conv_names:
                     y = self._conv_op(self.group_ops[g][name], name.startswith("sep"), r_rep, scale[name])
                     grouped = y if grouped is None else grouped + y
-            if self.skip_ops and g == 0:  # the strided skip, per input node, into the group's channels
-                skips, at = [], 0
-                for i in self.groups[g]:
-                    k = len(self.out_edges[i])
-                    skips.append(self._factorized_reduce(self.skip_ops[str(i)], relus[i], k,
-                                                         scale["skip_connect"][at:at + k * C]))
-                    at += k * C
-                y = torch.cat(skips, dim=1)
+            # the strided skip, per source node (its paths read that node), into the group's channels; a
+            # group shares one stride, so its nodes all have one or none
+            if str(self.groups[g][0]) in self.skip_ops:
+                ks = [len(self.out_edges[i]) for i in self.groups[g]]
+                y = torch.cat([self._factorized_reduce(self.skip_ops[str(i)], relus[i], k, sc) for i, k, sc
+                               in zip(self.groups[g], ks, scale["skip_connect"].split([k * C for k in ks]))], dim=1)
                 grouped = y if grouped is None else grouped + y
             if grouped is not None:
                 for part, e in zip(grouped.split(C, 1), self.group_edges[g]):
