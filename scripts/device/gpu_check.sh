@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU check on a lent H100/H200 (no deepspeed, no DALI, no network there; see DESIGN section 5).
+# One-shot GPU check on a lent H100/H200 (that machine has torch and timm but no deepspeed, no DALI, no network).
 # Carry: .whl (deepspeed + deps for py3.12), .gpu (CIFAR-10 train JPEGs packed by cifar_pack.py, the NB201 table).
 #   bash scripts/device/gpu_check.sh [SECONDS]     # SECONDS: wall budget for everything (default 520)
 # Writes to $OUT: log.txt, bench.txt, results.json (all searches, per-epoch NB201 scores), runs_tail.txt.

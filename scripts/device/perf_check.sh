@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot performance check (issue 8) on a lent H100/H200: no deepspeed, DALI or network there (DESIGN section 5).
+# One-shot performance check on a lent H100/H200 (that machine has torch and timm but no deepspeed, no DALI, no network).
 # Carry (built by scripts/device/prepare_carry.sh): .whl (deepspeed + deps for py3.12), and .gpu (cifar10_jpeg.npz,
 # nb201_accuracies.csv.gz, 128 ImageNet JPEGs; the search phase needs it) or .gpu2 (400 ImageNet JPEGs only: enough
 # for the benchmark at the one-GPU micro-batch of 360; the tests and bench phases need no more).

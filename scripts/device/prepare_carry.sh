@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the ignored folders that a device call carries (the GPU machine has no deepspeed, no ../shared and
-# no network; a call carries at most 64 MiB). Run here, then name the folders in the device call's `carry`:
+# Builds the ignored folders that a device call carries (the GPU machine has torch and timm but no deepspeed, no
+# DALI, no ../shared and no network; a call carries at most 64 MiB). Run here, then name the folders in the device call's `carry`:
 #   .whl   deepspeed 0.19.8 + the dependencies that machine lacks, for its python 3.12 (5.6 MB)
 #   .gpu   cifar10_jpeg.npz (the 50k training JPEGs, 46 MB: cifar_pack.py), nb201_accuracies.csv.gz, and
 #          imagenet-sample/train with GPU_JPEGS images (default 128), one per class folder
