@@ -1,7 +1,7 @@
 """Helpers shared by the benchmark scripts: real input batches, peak memory, timing, the machine.
 
 Why real images: on this project's CPU machine the same supernet step ran at ~30 img/s on real
-CIFAR-10 batches but ~18 img/s on `torch.randn` batches (DESIGN section 5), so every benchmark feeds
+CIFAR-10 batches but ~18 img/s on `torch.randn` batches, so every benchmark feeds
 decoded JPEGs from `../shared/data` (CIFAR-10 WebDataset shards, ImageNet-sample JPEGs).
 """
 from __future__ import annotations
@@ -18,11 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+
 SHARED_DATA = Path(os.environ.get("SDARTS_SHARED", ROOT.parent / "shared")) / "data"
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def pick_cases(text: str, known: tuple[str, ...]) -> list[str]:

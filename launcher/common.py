@@ -27,16 +27,10 @@ def add_run_arguments(p: argparse.ArgumentParser, default_run_dir: str) -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from sdarts.config import ConfigError
-    from sdarts.data.sources import DataError
-    from sdarts.errors import CheckpointError, RunDirError
-    from sdarts.genotype import GenotypeError
-    from sdarts.benchmarks.nb201 import TableError
-    errs = [ConfigError, DataError, CheckpointError, GenotypeError, RunDirError, TableError, FileNotFoundError]
-    with contextlib.suppress(ImportError):
-        from launcher.hostfile import HostfileError
-        errs.append(HostfileError)
-    return tuple(errs)
+    from sdarts.errors import (CheckpointError, ConfigError, DataError, GenotypeError, HostfileError,
+                               RunDirError, TableError)
+    return (ConfigError, DataError, CheckpointError, GenotypeError, RunDirError, TableError, FileNotFoundError,
+            HostfileError)
 
 
 @contextlib.contextmanager

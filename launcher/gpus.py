@@ -11,7 +11,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field
 
-from sdarts.config import ConfigError, _Strict, build, read_yaml
+from sdarts.config import _Strict, build, read_yaml
+from sdarts.errors import ConfigError
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "gpus"
 MIB = 1 << 20

@@ -18,14 +18,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdarts.errors import HostfileError
+
 #: one DNS label: letters, digits, '-' and '_' (common on clusters), not starting or ending with '-'
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOST = re.compile(rf"^{_LABEL}(?:\.{_LABEL})*$")
 _SLOTS = re.compile(r"^slots=(.*)$")
-
-
-class HostfileError(ValueError):
-    """A hostfile problem; the message is one line naming the file, the line and the host."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from sdarts.config import ConfigError, SearchConfig, build, read_yaml
+from sdarts.config import SearchConfig, build, read_yaml
+from sdarts.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 Kind = Literal["search", "retrain"]

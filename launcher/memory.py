@@ -40,7 +40,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, field_validator
 
-from sdarts.config import ConfigError, _Strict, build, read_yaml
+from sdarts.config import _Strict, build, read_yaml
+from sdarts.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION = ROOT / "configs" / "calibration.yaml"

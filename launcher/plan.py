@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from launcher.common import fail_cleanly  # noqa: E402
+from sdarts.errors import PlanError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_HOSTS = {"localhost", "127.0.0.1"}
@@ -34,10 +35,6 @@ DEFAULT_MARGIN = 0.10
 #: memory-limited micro-batches are rounded down to a multiple of this (tensor-core friendly, and
 #: it leaves headroom for the batch-to-batch variation of real data)
 DEFAULT_MULTIPLE = 8
-
-
-class PlanError(ValueError):
-    """A job that cannot be mapped onto the given cluster; one line saying why."""
 
 
 def _fmt_lr(lr: float) -> str:

@@ -163,9 +163,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with fail_cleanly():
         from launcher import gpus, hostfile as H, memory as M, plan as P
+        from sdarts.errors import PlanError
         from launcher.job import load as load_job
         if args.nodes < 1 or args.gpus_per_node < 1:
-            raise P.PlanError("--nodes and --gpus-per-node must be at least 1")
+            raise PlanError("--nodes and --gpus-per-node must be at least 1")
         job = load_job(args.job, args.overrides)
         hosts = "\n".join(f"node{i} slots={args.gpus_per_node}" for i in range(args.nodes))
         hf = H.parse(hosts, "<slurm allocation>")

@@ -12,9 +12,10 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from sdarts.config import CheckpointConfig, ConfigError, EngineConfig, LogConfig, _Strict, build, read_yaml
+from sdarts.config import CheckpointConfig, EngineConfig, LogConfig, _Strict, build, read_yaml
+from sdarts.errors import ConfigError
 
-__all__ = ["ConfigError", "RetrainConfig", "load"]
+__all__ = ["RetrainConfig", "load"]
 
 NUM_CLASSES = {"cifar10": 10, "imagenet": 1000}
 

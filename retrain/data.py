@@ -16,8 +16,9 @@ from typing import Iterator
 
 import torch
 
-from sdarts.data.loader import CIFAR_MEAN, CIFAR_STD, Batch, TensorLoader
-from sdarts.data.sources import DataError, Split, cifar10_split
+from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
+from sdarts.data.loader import Batch, TensorLoader
+from sdarts.data.sources import Split, cifar10_split
 
 from retrain.config import RetrainConfig
 

@@ -31,13 +31,14 @@ from typing import Any
 
 import torch
 
-from sdarts.config import ConfigError, build, read_yaml
-from sdarts.engine import CheckpointError
-from sdarts.genotype import DartsGenotype, Genotype, GenotypeError, NB201Genotype
+from sdarts.config import build, read_yaml
+from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from sdarts.errors import CheckpointError, ConfigError, ExportError, GenotypeError
+from sdarts.genotype import DartsGenotype, Genotype, NB201Genotype
 from sdarts.genotype import load as load_genotype
 
 from retrain import timm as sdarts_timm
-from retrain.timm import CIFAR_MEAN, CIFAR_STD, WEIGHTS_FILE
+from retrain.timm import WEIGHTS_FILE
 
 __all__ = ["CONFIG_FILE", "Export", "ExportError", "from_genotype", "from_run_dir", "load", "model_spec", "write"]
 
@@ -47,10 +48,6 @@ DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _TRAINING_ONLY_PREFIXES = ("auxiliary_head.",)
 _DATASETS = ("imagenet", "cifar10")
-
-
-class ExportError(ValueError):
-    """Bad export input (a missing or foreign run directory, an occupied output folder); names it."""
 
 
 @dataclass
@@ -102,7 +99,7 @@ def _data_cfg(arch: str, dataset: str, num_classes: int, resolution: int | None)
         r = resolution or 224
         # eval: resize the short side to r * 256/224, centre crop r, bilinear, ImageNet statistics
         cfg.update(input_size=(3, r, r), crop_pct=0.875, interpolation="bilinear",
-                   mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+                   mean=IMAGENET_MEAN, std=IMAGENET_STD)
     else:
         # CIFAR-10: 32x32 images used whole, normalised with CIFAR statistics
         cfg.update(input_size=(3, 32, 32), crop_pct=1.0, interpolation="bilinear", mean=CIFAR_MEAN, std=CIFAR_STD)

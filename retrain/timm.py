@@ -38,21 +38,19 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import FeatureHookNet
 from timm.models._manipulate import checkpoint
 
-from sdarts.engine import CheckpointError
-from sdarts.genotype import DartsGenotype, Genotype, GenotypeError, NB201Genotype, from_json, parse
+from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
+from sdarts.errors import CheckpointError, GenotypeError
+from sdarts.genotype import DartsGenotype, Genotype, NB201Genotype, from_json, parse
+from sdarts.genotype import LITERATURE
 from sdarts.genotype import load as load_genotype
-from sdarts.zoo import LITERATURE
 
 from retrain.model import NB201Cell, NB201Network, NetworkCIFAR, NetworkImageNet, drop_path
 
-__all__ = ["CIFAR_MEAN", "CIFAR_STD", "SdartsDartsCifar", "SdartsDartsImageNet", "SdartsNB201",
+__all__ = ["SdartsDartsCifar", "SdartsDartsImageNet", "SdartsNB201",
            "WEIGHTS_FILE", "resolve_genotype"]
 
 #: the only weights file an export holds and the only one `local-dir:` loading accepts
 WEIGHTS_FILE = "model.safetensors"
-#: CIFAR-10 statistics, as the sdarts data loaders normalise (sdarts.data.loader)
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 def resolve_genotype(genotype: Any, space: str, architecture: str) -> Genotype:

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdarts.benchmarks.nb201 import lookup  # noqa: E402
+from sdarts.nasbench201.table import lookup  # noqa: E402
 from sdarts.genotype import derive_nb201  # noqa: E402
 
 

@@ -182,7 +182,7 @@ def stop(cells: list[Cell], grace_s: float) -> None:
 
 
 def write_report(results: Path, cells: list[Cell], title: str) -> None:
-    from sdarts.benchmarks import nb201_report as R
+    from sdarts.nasbench201 import report as R
     runs = [r for r in (R.load_run(c.run_dir) for c in cells) if r is not None]
     groups = R.summarize(runs) if runs else []
     status = {c.name: {"state": c.state, "rc": c.rc, "wall_s": c.wall_s, "log": str(c.log)} for c in cells}

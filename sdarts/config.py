@@ -2,7 +2,8 @@
 
 Every key is declared here with its type and default, so an unknown key, a wrong type or a missing
 file is one `ConfigError` line naming it (the CLI turns it into exit code 2) instead of a run that
-silently ignores a typo. The key names are fixed by DESIGN section 4.
+silently ignores a typo. The key names are an interface (the YAML files in configs/, `--set` and the
+resolved `config.yaml` of every run use them): a renamed key breaks every file that names it.
 """
 from __future__ import annotations
 
@@ -14,10 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdarts.arch import parse_init
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message is one line naming the key or path."""
+from sdarts.errors import ConfigError
 
 
 class _Strict(BaseModel):

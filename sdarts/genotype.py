@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
 
+from sdarts.errors import GenotypeError
 from sdarts.spaces.candidates import DARTS_OPS, NB201_OPS
+from sdarts.zoo import STRINGS as _LITERATURE_TEXT
 
 if TYPE_CHECKING:  # derivation takes tensors, but parsing and lookups must not import torch
     import torch
-
-
-class GenotypeError(ValueError):
-    """A genotype that does not parse or does not fit its space; the message names the culprit."""
 
 
 # NB201 edges in the benchmark's order: node i takes inputs j < i.
@@ -79,6 +77,9 @@ class NB201Genotype:
     def to_json(self) -> dict:
         return {"space": "nb201", "arch": self.to_arch_str()}
 
+    def __str__(self) -> str:  # the arch string (what logs and reports print); repr stays the dataclass's
+        return self.to_arch_str()
+
 
 Pair = tuple[str, int]
 
@@ -121,6 +122,9 @@ class DartsGenotype:
         return (f"Genotype(normal={[tuple(p) for p in self.normal]!r}, normal_concat={concat(self.normal_concat)}, "
                 f"reduce={[tuple(p) for p in self.reduce]!r}, reduce_concat={concat(self.reduce_concat)})")
 
+    def __str__(self) -> str:  # the literature's string (what logs and reports print); repr stays the dataclass's
+        return self.to_string()
+
 
 Genotype = Union[NB201Genotype, DartsGenotype]
 
@@ -137,7 +141,7 @@ def _pairs(value, where: str) -> tuple[Pair, ...]:
 
 
 def from_json(obj: dict) -> Genotype:
-    """Genotype from its JSON object (DESIGN section 4)."""
+    """Genotype from its JSON object (`to_json`: `space` plus the fields of that space's genotype)."""
     if not isinstance(obj, dict):
         raise GenotypeError("genotype JSON must be an object")
     space = obj.get("space")
@@ -205,11 +209,14 @@ def parse(text: str) -> Genotype:
     return parse_darts_string(t)
 
 
+#: the literature genotypes by name (their published text is in `sdarts.zoo`)
+LITERATURE: dict[str, Genotype] = {name: parse(text) for name, text in _LITERATURE_TEXT.items()}
+
+
 def load(path: str | Path) -> Genotype:
-    """Genotype from a file (any accepted text) or from a literature name (`sdarts.genotypes_zoo`)."""
+    """Genotype from a file (any accepted text) or from a literature name (`LITERATURE`, `sdarts.zoo`)."""
     p = Path(path)
     if not p.exists():
-        from sdarts.zoo import LITERATURE
         if str(path) in LITERATURE:
             return LITERATURE[str(path)]
         raise GenotypeError(f"genotype file not found: {path}")

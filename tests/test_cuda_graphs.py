@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
-from sdarts.config import ConfigError, SearchConfig, build
+from sdarts.config import SearchConfig, build
+from sdarts.errors import ConfigError
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import need_data
-from sdarts.data import DataError, build_image_loader
+from sdarts.data import build_image_loader
+from sdarts.errors import DataError
 from sdarts.data.imagefolder import list_split
 
 BACKENDS = ["dali", "torch"]

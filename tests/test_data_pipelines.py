@@ -202,7 +202,7 @@ def test_fraction_is_per_class_and_stable_on_webdataset_shards():
 def test_cifar_webdataset_through_both_backends():
     root = need_data("cifar10-wds")
     _dali()
-    from sdarts.data.loader import CIFAR_MEAN, CIFAR_STD
+    from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
     got = {}
     for backend in BACKENDS:
         loader = build_image_loader(str(root), "test", "eval", micro_batch=64, resolution=32, backend=backend,

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from sdarts import genotype as G
+from sdarts.errors import GenotypeError
 from sdarts.spaces.ops import DARTS_OPS, NB201_OPS
-from sdarts.zoo import LITERATURE, _STRINGS
+from sdarts.genotype import LITERATURE
+from sdarts.zoo import STRINGS
 
 BEST = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|"
 
@@ -19,7 +21,7 @@ def test_nb201_string_json_round_trip():
 
 
 def test_darts_string_json_round_trip_and_literature():
-    for name, text in _STRINGS.items():
+    for name, text in STRINGS.items():
         g = LITERATURE[name]
         if g.space == "darts":
             assert G.parse(g.to_string()) == g
@@ -36,22 +38,22 @@ def test_darts_string_json_round_trip_and_literature():
     ("Genotype(normal=[], normal_concat=exec('1'), reduce=[], reduce_concat=[])", "normal_concat"),
 ])
 def test_code_in_genotype_string_is_refused(text, culprit, tmp_path):
-    with pytest.raises(G.GenotypeError, match=culprit):
+    with pytest.raises(GenotypeError, match=culprit):
         G.parse(text)
 
 
 def test_bad_genotypes_name_the_problem():
-    with pytest.raises(G.GenotypeError, match="6 edges"):
+    with pytest.raises(GenotypeError, match="6 edges"):
         G.NB201Genotype(("skip_connect",) * 5)
-    with pytest.raises(G.GenotypeError, match="conv_7x7"):
+    with pytest.raises(GenotypeError, match="conv_7x7"):
         G.NB201Genotype.from_arch_str(BEST.replace("nor_conv_1x1", "x").replace("skip_connect", "conv_7x7"))
     bad = LITERATURE["darts_v2"].to_json()
     bad["normal"] = bad["normal"][:7]
-    with pytest.raises(G.GenotypeError, match="8 .op, input. pairs"):
+    with pytest.raises(GenotypeError, match="8 .op, input. pairs"):
         G.from_json(bad)
     bad = LITERATURE["darts_v2"].to_json()
     bad["reduce"][0] = ["sep_conv_3x3", 5]
-    with pytest.raises(G.GenotypeError, match="reduce\\[0\\]"):
+    with pytest.raises(GenotypeError, match="reduce\\[0\\]"):
         G.from_json(bad)
 
 
@@ -84,7 +86,7 @@ def test_load_file_and_name(tmp_path):
     G.save(LITERATURE["pdarts"], p)
     assert G.load(p) == LITERATURE["pdarts"]
     assert G.load("darts_v2") == LITERATURE["darts_v2"]
-    with pytest.raises(G.GenotypeError, match="not found"):
+    with pytest.raises(GenotypeError, match="not found"):
         G.load(tmp_path / "missing.json")
 
 

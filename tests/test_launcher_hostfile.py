@@ -2,7 +2,8 @@
 import pytest
 
 from conftest import ROOT, run_cli
-from launcher.hostfile import HostfileError, load, parse
+from launcher.hostfile import load, parse
+from sdarts.errors import HostfileError
 
 
 def test_valid_file_with_comments_blank_lines_and_inline_comments():

@@ -8,7 +8,7 @@ import yaml
 from conftest import ROOT, run_cli
 from launcher import gpus, hostfile, memory as M, plan as P
 from launcher.job import load as load_job
-from sdarts.config import ConfigError
+from sdarts.errors import ConfigError, PlanError
 
 SEARCH = "configs/search/darts_imagenet.yaml"
 RETRAIN = "configs/retrain/imagenet.yaml"
@@ -193,7 +193,7 @@ def test_lr_scales_with_world_size_and_keep_needs_divisibility():
     p = _plan(SEARCH, "a slots=4\nb slots=4\nc slots=4\nd slots=4\n", "2080ti")
     assert (p["micro_batch"], p["global_batch"]) == (22, 352)
     assert p["lr"] == pytest.approx(0.025 * 352 / 360, rel=1e-5)
-    with pytest.raises(P.PlanError, match="360 is not divisible by the world size 16"):
+    with pytest.raises(PlanError, match="360 is not divisible by the world size 16"):
         _plan(SEARCH, "a slots=4\nb slots=4\nc slots=4\nd slots=4\n", "2080ti", keep_global_batch=True)
     big = _plan(SEARCH, "a slots=1\n", "h200", keep_global_batch=True)
     assert (big["micro_batch"], big["grad_accum"], big["precision"]) == (360, 1, "bf16")
@@ -206,7 +206,7 @@ def test_calibration_errors_are_one_line():
     with pytest.raises(ConfigError, match=r"made with model\.C=16, the job has model\.C=32; run `python launcher/plan.py --probe"):
         _plan(SEARCH, "a slots=4\n", "2080ti", overrides=["model.C=32"])
     tiny = gpus.GpuProfile(name="tiny", memory_mib=64, precisions=["fp32", "fp16"])
-    with pytest.raises(P.PlanError, match="needs .* MiB for one sample; tiny offers"):
+    with pytest.raises(PlanError, match="needs .* MiB for one sample; tiny offers"):
         P.make_plan(load_job(SEARCH), hostfile.parse("a slots=1\n"), tiny, M.load_table())
 
 

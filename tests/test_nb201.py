@@ -8,7 +8,8 @@ import pytest
 
 from conftest import ROOT, need_data, run_cli
 from sdarts import genotype as G
-from sdarts.benchmarks import nb201 as B
+from sdarts.errors import GenotypeError, TableError
+from sdarts.nasbench201 import table as B
 
 SINGLE_DARTS = "|nor_conv_3x3~0|+|nor_conv_3x3~0|nor_conv_3x3~1|+|skip_connect~0|nor_conv_3x3~1|nor_conv_3x3~2|"
 ALL_SKIP = "|skip_connect~0|+|skip_connect~0|skip_connect~1|+|skip_connect~0|skip_connect~1|skip_connect~2|"
@@ -51,16 +52,16 @@ def test_all_skip_cell_is_darts_collapse(table):
 
 
 def test_lookup_refuses_darts_genotype(table):
-    with pytest.raises(G.GenotypeError):
+    with pytest.raises(GenotypeError):
         B.lookup(G.load("darts_v2"), table)
 
 
 def test_bad_table_is_one_clear_error(tmp_path):
-    with pytest.raises(B.TableError, match="not found"):
+    with pytest.raises(TableError, match="not found"):
         B.load_table(str(tmp_path / "missing.csv.gz"))
     bad = tmp_path / "bad.csv"
     bad.write_text("arch,foo\nx,1\n")
-    with pytest.raises(B.TableError, match="missing column 'cifar10_valid_val'"):
+    with pytest.raises(TableError, match="missing column 'cifar10_valid_val'"):
         B.load_table(str(bad))
 
 

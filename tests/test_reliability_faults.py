@@ -26,7 +26,8 @@ import torch
 
 from reliability_runs import (KILLED, SEARCH, assert_same_tensors, finished_retrain, finished_search, jsonl,
                               latest, retrain_cmd, run, state, tags)
-from sdarts.engine import CheckpointError, verify_safe
+from sdarts.engine import verify_safe
+from sdarts.errors import CheckpointError
 
 pytestmark = pytest.mark.slow
 

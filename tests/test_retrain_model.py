@@ -4,7 +4,7 @@ import torch
 
 from retrain.model import Cell, NB201Network, NetworkCIFAR, NetworkImageNet, build_network, drop_path
 from sdarts.genotype import from_json
-from sdarts.zoo import LITERATURE
+from sdarts.genotype import LITERATURE
 
 DARTS_V2 = LITERATURE["darts_v2"]
 ALL_SKIP = from_json({"space": "darts", "normal": [["skip_connect", k % 2] for k in range(8)],

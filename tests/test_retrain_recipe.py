@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from retrain.config import ConfigError, RetrainConfig, load
+from retrain.config import RetrainConfig, load
+from sdarts.errors import ConfigError
 from retrain.recipe import Ema, drop_path_at, lr_at, smoothed_cross_entropy, topk_correct
 from sdarts.config import build
 

@@ -12,7 +12,7 @@ from retrain.model import NetworkCIFAR, NetworkImageNet
 from retrain.train import build_engine, evaluate, run_retrain, train_loss
 from sdarts.config import build
 from sdarts.distributed import init
-from sdarts.zoo import LITERATURE
+from sdarts.genotype import LITERATURE
 
 DARTS_V2 = LITERATURE["darts_v2"]
 
@@ -34,7 +34,7 @@ def _last_weights(run) -> dict:
 def test_a_few_real_steps_lower_the_loss():
     npz = need_data("cifar10-subset", "cifar10_subset.npz")
     import numpy as np
-    from sdarts.data.loader import CIFAR_MEAN, CIFAR_STD
+    from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
     d = np.load(npz)
     x = torch.from_numpy(d["x_train"][:64]).permute(0, 3, 1, 2).float()
     x = (x - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255)

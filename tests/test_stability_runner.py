@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import PYTHON, ROOT, need_data
-from sdarts.benchmarks import nb201_report as R
+from sdarts.nasbench201 import report as R
 
 spec = importlib.util.spec_from_file_location("nb201_stability", ROOT / "scripts" / "nb201_stability.py")
 runner = importlib.util.module_from_spec(spec)

@@ -7,7 +7,7 @@ from conftest import run_cli
 from retrain.summary import count_flops, fit_flops, parse_count, summarize
 from retrain.model import NetworkImageNet
 from sdarts.genotype import parse
-from sdarts.zoo import LITERATURE
+from sdarts.genotype import LITERATURE
 
 # name, dataset, published params (M), reference-implementation MACs (M), papers' printed FLOPs (M)
 PUBLISHED = [

@@ -13,11 +13,12 @@ import torch.nn as nn
 
 import timm
 import retrain.timm as rt  # noqa: F401  (registers the sdarts_* entrypoints)
-from retrain.export import ExportError, from_genotype, from_run_dir, load, write
+from retrain.export import from_genotype, from_run_dir, load, write
 from retrain.model import build_network
-from sdarts.engine import CheckpointError
-from sdarts.genotype import GenotypeError, save as save_genotype
-from sdarts.zoo import LITERATURE
+from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
+from sdarts.errors import CheckpointError, ExportError, GenotypeError
+from sdarts.genotype import save as save_genotype
+from sdarts.genotype import LITERATURE
 
 from conftest import need_data, run_cli
 
@@ -73,7 +74,7 @@ def test_entrypoints_registered_with_honest_cfgs():
     im, cf = timm.models.get_pretrained_cfg("sdarts_darts_imagenet"), timm.models.get_pretrained_cfg("sdarts_nb201")
     assert (im.input_size, im.crop_pct, im.mean, im.num_classes) == ((3, 224, 224), 0.875,
                                                                       (0.485, 0.456, 0.406), 1000)
-    assert (cf.input_size, cf.crop_pct, cf.mean, cf.num_classes) == ((3, 32, 32), 1.0, rt.CIFAR_MEAN, 10)
+    assert (cf.input_size, cf.crop_pct, cf.mean, cf.num_classes) == ((3, 32, 32), 1.0, CIFAR_MEAN, 10)
     with pytest.raises(RuntimeError, match="No pretrained weights"):
         timm.create_model("sdarts_nb201", pretrained=True)  # no entry claims weights it does not have
 
@@ -479,6 +480,6 @@ def test_real_retrain_run_exports_and_reloads(tmp_path, capsys):
                 sd.update(obj["ema"]["state"])
         net = build_network(LITERATURE["darts_v2"], "cifar10", 4, 3, 10, auxiliary=True)
         net.load_state_dict(sd)
-        x = real_images(32, n=8, mean=rt.CIFAR_MEAN, std=rt.CIFAR_STD)
+        x = real_images(32, n=8, mean=CIFAR_MEAN, std=CIFAR_STD)
         with torch.no_grad():
             torch.testing.assert_close(load(out).eval()(x), net.eval()(x)[0], rtol=1e-4, atol=1e-5)

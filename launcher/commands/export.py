@@ -40,7 +40,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from retrain.export import ExportError, from_genotype, from_run_dir, write
+    from retrain.export import from_genotype, from_run_dir, write
+    from sdarts.errors import ExportError
     if args.run_dir is not None:
         stray = [k for k in _GENOTYPE_ONLY if getattr(args, k) is not None]
         if stray:

@@ -18,15 +18,16 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from sdarts import genotype as G
-    from sdarts.benchmarks.nb201 import index_of, lookup
+    from sdarts.errors import GenotypeError
+    from sdarts.nasbench201.table import index_of, lookup
     text = str(args.genotype)
     if text.strip().startswith("|") and not Path(text).exists():
         genotype = G.parse(text)
     else:
         genotype = G.load(text)
     if genotype.space != "nb201":
-        raise G.GenotypeError(f"{args.genotype}: a {genotype.space} genotype has no NAS-Bench-201 entry "
-                              f"(needs an nb201 genotype)")
+        raise GenotypeError(f"{args.genotype}: a {genotype.space} genotype has no NAS-Bench-201 entry "
+                            f"(needs an nb201 genotype)")
     out = {"arch": genotype.to_arch_str(), **lookup(genotype, args.table)}
     idx = index_of(genotype, args.table)
     if idx is not None:

@@ -160,7 +160,7 @@ def cell_figure(genotype, title: str | None = None) -> Figure:
 def stability_figure(runs: list[dict], title: str = "NB201 accuracy per epoch") -> Figure:
     """One panel per (method, activation, alpha optimizer, lr): each seed's CIFAR-10 test accuracy of
     the derived cell at every epoch (the paper's Figure 1)."""
-    from sdarts.benchmarks.nb201_report import METHOD, group_key, sort_key
+    from sdarts.nasbench201.report import METHOD, group_key, sort_key
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(group_key(r), []).append(r)

@@ -8,12 +8,13 @@ the same interface: `len()` (micro-batches per epoch on this rank), `set_epoch`,
 from __future__ import annotations
 
 from sdarts.config import DataConfig
+from sdarts.data.images import build_image_loader, dali_available
 from sdarts.data.loader import Batch, TensorLoader
-from sdarts.data.sources import DataError, Split, cifar10_search_splits, digits_search_splits, \
-    synthetic_search_splits
-from sdarts.data.stream import StreamLoader, build_image_loader, dali_available
+from sdarts.data.sources import Split, cifar10_search_splits, digits_search_splits, synthetic_search_splits
+from sdarts.data.stream import StreamLoader
+from sdarts.errors import DataError
 
-__all__ = ["Batch", "DataError", "Split", "StreamLoader", "TensorLoader", "build_image_loader",
+__all__ = ["Batch", "Split", "StreamLoader", "TensorLoader", "build_image_loader",
            "build_search_loaders", "search_splits"]
 
 
@@ -48,7 +49,7 @@ def _streams(cfg: DataConfig) -> bool:
 def stream_search_loaders(cfg: DataConfig, seed: int, rank: int, world: int, device: str,
                           skipped: list | None = None) -> tuple[StreamLoader, StreamLoader]:
     """The search split streamed from disk: the train split's halves "a" (w) and "b" (alpha), by key hash."""
-    from sdarts.data.loader import CIFAR_MEAN, CIFAR_STD
+    from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
     norm = dict(mean=CIFAR_MEAN, std=CIFAR_STD) if cfg.dataset == "cifar10" else {}
     backend = "dali" if cfg.dataset == "cifar10" else cfg.backend
     common = dict(root=cfg.root, split="train", pipeline="search" if cfg.augment else "eval",

@@ -5,7 +5,7 @@ PIL cannot keep a GPU busy (on this project's 2-core CPU machine DALI's CPU pipe
 train augmentation ~2.5-3x faster than a torchvision DataLoader with the same thread count, see
 benchmarks/data_throughput.py). With CUDA present the JPEGs are decoded by the `mixed` (nvJPEG)
 decoder on the rank's own GPU (`device_id` = local rank); without it every operator runs on the CPU
-(`device_id=None`, DESIGN section 5).
+(`device_id=None`).
 
 How the epoch plan reaches DALI: every epoch builds a fresh pipeline whose reader gets the epoch's
 order (`stream.epoch_order`) and this rank's `shard_id`/`num_shards`, `stick_to_shard=True`,
@@ -40,8 +40,8 @@ import torch
 
 from sdarts.data.imagefolder import WDS_IMAGE_EXTS
 from sdarts.data.loader import Batch
-from sdarts.data.sources import DataError
 from sdarts.data.stream import PipelineSpec, StreamLoader
+from sdarts.errors import DataError
 
 log = logging.getLogger("sdarts.data")
 

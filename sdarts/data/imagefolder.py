@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sdarts.data.sources import DataError
 from sdarts.data.wds import WDS_IMAGE_EXTS, parse_label, scan_tar
+from sdarts.errors import DataError
 
 log = logging.getLogger("sdarts.data")
 

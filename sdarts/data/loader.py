@@ -19,10 +19,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
 from sdarts.data.sources import Split
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
 @dataclass

@@ -21,9 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """Bad or missing data; the message names the file or path."""
+from sdarts.errors import DataError
 
 
 @dataclass

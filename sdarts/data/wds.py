@@ -11,7 +11,7 @@ import logging
 import os
 import tarfile
 
-from sdarts.data.sources import DataError
+from sdarts.errors import DataError
 
 log = logging.getLogger("sdarts.data")
 

@@ -12,14 +12,11 @@ import gzip
 from functools import lru_cache
 from pathlib import Path
 
-from sdarts.genotype import GenotypeError, NB201Genotype
+from sdarts.errors import GenotypeError, TableError
+from sdarts.genotype import NB201Genotype
 
 COLUMNS = ("cifar10_valid_val", "cifar10_test", "cifar100_val", "cifar100_test", "imagenet16_val",
            "imagenet16_test")
-
-
-class TableError(ValueError):
-    pass
 
 
 @lru_cache(maxsize=4)

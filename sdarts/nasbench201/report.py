@@ -18,24 +18,14 @@ from pathlib import Path
 
 import yaml
 
-from sdarts.benchmarks.nb201 import COLUMNS
+from sdarts.analysis.curves import read_jsonl
+from sdarts.nasbench201.table import COLUMNS
 
 PARAM_FREE = ("none", "skip_connect", "avg_pool_3x3")
 METHOD = {"single_level": "Single-DARTS", "bilevel": "DARTS (1st order)",
           "bilevel_second_order": "DARTS (2nd order)", "two_batch": "same subset, different batches"}
 HEAD = {"cifar10_valid_val": "C10 valid", "cifar10_test": "C10 test", "cifar100_val": "C100 valid",
         "cifar100_test": "C100 test", "imagenet16_val": "IN16 valid", "imagenet16_test": "IN16 test"}
-
-
-def _jsonl(path: Path) -> list[dict]:
-    out = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn last line of a killed run
-    return out
 
 
 def param_free_edges(arch: str) -> int:
@@ -46,7 +36,7 @@ def grad_corr_means(run_dir: Path) -> dict | None:
     """Mean over the logged steps of the eq. 8 cosine (mean over edges and analysed cells), for the
     same-step pair (alpha batch vs. w batch of one step) and `prev_w` (alpha batch of step t vs. w
     batch of step t-1); None when the run logged no gradient correlation."""
-    recs = [r for r in _jsonl(Path(run_dir) / "analysis.jsonl") if r.get("kind") == "grad_corr"]
+    recs = [r for r in read_jsonl(Path(run_dir) / "analysis.jsonl") if r.get("kind") == "grad_corr"]
     if not recs:
         return None
     out = {}
@@ -65,7 +55,7 @@ def load_run(run_dir: Path) -> dict | None:
         return None
     cfg = yaml.safe_load(cfg_path.read_text())
     by_epoch: dict[int, dict] = {}
-    for rec in _jsonl(run_dir / "nb201_scores.jsonl"):
+    for rec in read_jsonl(run_dir / "nb201_scores.jsonl"):
         by_epoch[int(rec["epoch"])] = rec  # a resumed run may repeat an epoch; the last one wins
     traj = [by_epoch[e] for e in sorted(by_epoch)]
     if not traj:
