@@ -22,7 +22,7 @@ import re
 import torch
 import torch.nn as nn
 
-from sdarts.genotype import DartsGenotype, Genotype, NB201Genotype
+from sdarts.genotype import Genotype, NB201Genotype
 
 from retrain.model import build_network
 
@@ -148,9 +148,3 @@ def parse_count(text: str) -> int:
     if not m:
         raise ValueError(f"FLOPs budget {text!r}: expected a number with an optional K/M/G suffix, e.g. 600M")
     return int(round(float(m.group(1)) * _UNITS[m.group(2).upper()]))
-
-
-def describe(genotype: Genotype) -> str:
-    if isinstance(genotype, DartsGenotype):
-        return genotype.to_string()
-    return genotype.to_arch_str()
