@@ -5,7 +5,7 @@ import torch
 from sdarts.genotype import NB201_EDGES
 from sdarts.spaces.darts import DartsSupernet, SearchCell
 from sdarts.spaces.nb201 import ClassicCell, FusedCell, NB201Supernet
-from sdarts.spaces.ops import DARTS_OPS, NB201_OPS, ResNetBasicBlock, darts_op, nb201_op
+from sdarts.spaces.ops import DARTS_OPS, NB201_OPS, PoolBN, ResNetBasicBlock, darts_op, nb201_op
 
 
 @pytest.mark.parametrize("name", DARTS_OPS)
@@ -30,6 +30,24 @@ def test_none_is_zero_and_skip_is_identity():
         assert torch.equal(op(x), x)
     # strided none keeps the reduced shape (odd sizes round up, like the strided convs)
     assert darts_op("none", 8, 2, False)(torch.randn(1, 8, 7, 7)).shape == (1, 8, 4, 4)
+
+
+def test_ops_name_their_layers_without_renaming_them():
+    """The fast cells call an op's layers by name (`relu`, `depthwise`, `pointwise`, `bn`; a SepConv's
+    `first`/`second`); the names are properties over the numeric children, so state_dict keys stay."""
+    dil = darts_op("dil_conv_3x3", 8, 2, affine=False)
+    assert [dil.relu, dil.depthwise, dil.pointwise, dil.bn] == list(dil)
+    assert dil.depthwise.groups == 8 and dil.depthwise.stride == (2, 2) and dil.pointwise.kernel_size == (1, 1)
+    sep = darts_op("sep_conv_5x5", 8, 2, affine=False)
+    assert [sep.first, sep.second] == list(sep) and sep.first.depthwise.stride == (2, 2)
+    assert sep.second.bn is sep[1][3]
+    rcb = nb201_op("nor_conv_3x3", 8, 8, 1, affine=False)
+    assert [rcb.relu, rcb.conv, rcb.bn] == list(rcb)
+    assert list(sep.state_dict())[:2] == ["0.1.weight", "0.2.weight"]
+    pool = PoolBN(darts_op("max_pool_3x3", 8, 1, False), 8)  # a search-time pool (`MixedOp`)
+    assert [pool.pool, pool.bn] == list(pool) and list(pool.state_dict())[0] == "1.running_mean"
+    with pytest.raises(AttributeError):
+        dil.bn = torch.nn.Identity()  # read-only: a child is replaced by position, as before
 
 
 def test_unknown_op_is_named():

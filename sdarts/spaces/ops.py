@@ -29,8 +29,31 @@ class Zero(nn.Module):
         return x.new_zeros(n, self.C_out, h, w)
 
 
-class ReLUConvBN(nn.Sequential):
+def _layer(i: int, what: str) -> property:
+    """A read-only name for child `i` of a `_NamedLayers` op, so that code outside the op (the fast
+    cells call an op's layers one by one) never indexes it by position. The children keep their
+    numeric names: state_dict keys ("1.weight", ...) are those of checkpoints and exported weights."""
+    return property(lambda self: self[i], doc=f"layer {i}: {what}")
+
+
+class _NamedLayers(nn.Sequential):
+    """An `nn.Sequential` whose layers also have names (`_layer` properties, defined by each subclass
+    next to its layer order). Assigning to a name is refused: `nn.Module.__setattr__` would register a
+    new child under it (a new state_dict key) instead of replacing the layer."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(getattr(type(self), name, None), property):
+            raise AttributeError(f"{type(self).__name__}.{name} names a layer by position; replace the layer "
+                                 f"by its index")
+        super().__setattr__(name, value)
+
+
+class ReLUConvBN(_NamedLayers):
     """ReLU -> Conv -> BN: NB201's `nor_conv_kxk` and DARTS' 1x1 preprocessing."""
+
+    relu = _layer(0, "the ReLU in front")
+    conv = _layer(1, "the convolution")
+    bn = _layer(2, "the BN")
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int,
                  dilation: int = 1, affine: bool = True, track_running_stats: bool = True):
@@ -41,8 +64,13 @@ class ReLUConvBN(nn.Sequential):
         )
 
 
-class DilConv(nn.Sequential):
+class DilConv(_NamedLayers):
     """ReLU -> depthwise dilated conv -> pointwise conv -> BN (DARTS `dil_conv_kxk`)."""
+
+    relu = _layer(0, "the ReLU in front")
+    depthwise = _layer(1, "the depthwise (dilated, maybe strided) conv")
+    pointwise = _layer(2, "the 1x1 conv")
+    bn = _layer(3, "the BN")
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, dilation: int,
                  affine: bool = True):
@@ -55,8 +83,11 @@ class DilConv(nn.Sequential):
         )
 
 
-class SepConv(nn.Sequential):
+class SepConv(_NamedLayers):
     """Two stacked DilConv with dilation 1 (DARTS `sep_conv_kxk`); only the first may stride."""
+
+    first = _layer(0, "the first DilConv (strided in a reduction)")
+    second = _layer(1, "the second DilConv")
 
     def __init__(self, C_in: int, C_out: int, kernel: int, stride: int, padding: int, affine: bool = True):
         super().__init__(
@@ -97,6 +128,17 @@ class Pool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x)
+
+
+class PoolBN(_NamedLayers):
+    """A search-time pool followed by its affine-free BN (DARTS wraps the pools so that their scale
+    is comparable to the convs'; the retrained network uses the bare pool)."""
+
+    pool = _layer(0, "the pool")
+    bn = _layer(1, "the affine-free BN")
+
+    def __init__(self, pool: nn.Module, C: int):
+        super().__init__(pool, nn.BatchNorm2d(C, affine=False))
 
 
 OpFactory = Callable[[int, int, bool], nn.Module]
