@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sdarts.spaces.darts import DartsSupernet, FusedSearchCell, GroupedSearchCell, SearchCell
-from sdarts.spaces.fused import weighted_mix
+from sdarts.spaces.functional import weighted_mix
 from sdarts.spaces.nb201 import ClassicCell, FusedCell, NB201Supernet
 from sdarts.spaces.ops import DARTS_OPS, NB201_OPS
 
@@ -180,7 +180,7 @@ def test_fused_equals_classic_float64(space):
     x, y = _inputs(space, seed=2)
     _assert_same(classic, fused, x, y, rtol=1e-9, atol=1e-10)
     # every BN stepped its counter once per training forward, as in the classic net, also where the fast
-    # cells leave the counting to one foreach op (`fused.count_bn_steps`)
+    # cells leave the counting to one foreach op (`functional.count_bn_steps`)
     counts = [{m.num_batches_tracked.item() for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
               for model in (classic, fused)]
     assert counts[1] == counts[0] and len(counts[0]) == 1, counts
@@ -249,7 +249,7 @@ def test_unknown_impl_is_named():
 def test_weighted_bn_is_scaled_bn_even_for_an_expanded_scale(channels_last):
     """`weighted_bn(x, bn, s)` == `s * bn(x)` in value and gradients, also for a stride-0 scale (an
     expanded edge weight), which torch's CPU channels_last BN backward misreads unless made dense."""
-    from sdarts.spaces.fused import weighted_bn
+    from sdarts.spaces.functional import weighted_bn
     torch.manual_seed(0)
     x = torch.randn(6, 4, 8, 8)
     if channels_last:

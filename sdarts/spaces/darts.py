@@ -13,8 +13,8 @@ Three implementations of the cell compute the same function:
   per node for all its outgoing edges (up to 4): the ReLU in front of every conv op and of the strided
   skip (FactorizedReduce), and max/avg pooling with their affine-free BN (same input, same batch
   statistics, same output on every edge). Each op's last BN takes the edge weight as its affine scale
-  (`fused.weighted_bn`), so weighted outputs are never stored; the pools and the identity skip are
-  weighted for all outgoing edges by one matmul (`fused.weighted_mix`); `none` is never computed. The
+  (`functional.weighted_bn`), so weighted outputs are never stored; the pools and the identity skip are
+  weighted for all outgoing edges by one matmul (`functional.weighted_mix`); `none` is never computed. The
   per-edge conv modules are the same as in `MixedOp`, at the same positions (`edges[e].ops[k]`).
 - `GroupedSearchCell` (`impl: grouped`, DARTS only): as fused, and each parametric op runs for all k
   edges of a node at once, as grouped convs (`side_by_side`) on the ReLU'd input repeated k times,
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import DARTS_STEPS, DartsGenotype, darts_edges, derive_darts
-from sdarts.spaces.fused import (avg_pool_3x3, bn_count_later, checkpoint_cell, deferred_counters,
+from sdarts.spaces.functional import (avg_pool_3x3, bn_count_later, checkpoint_cell, deferred_counters,
                                  dense_grad, weighted_bn, weighted_mix)
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, ReLUConvBN, darts_op
 from sdarts.spaces.supernet import Supernet
@@ -140,7 +140,7 @@ class _PerNodeCell(nn.Module):
 
     def count_later_bns(self) -> list[nn.BatchNorm2d]:
         """The BNs this cell calls without stepping their counters (the supernet steps them all at once:
-        `fused.count_bn_steps`): all but the preprocessing modules', which are called as modules."""
+        `functional.count_bn_steps`): all but the preprocessing modules', which are called as modules."""
         own = {id(m) for p in (self.preprocess0, self.preprocess1) for m in p.modules()}
         return [bn for bn in deferred_counters(self) if id(bn) not in own]
 

@@ -11,9 +11,9 @@ Two implementations of the cell compute the same function:
   once per edge. All edges leaving node j see the same input, so its ReLU, its pooling and its
   identity are shared, the 1x1 and 3x3 convolutions of all outgoing edges run as one wider
   convolution each (BN is per channel, so one BN over the concatenated channels is the same as one
-  BN per edge), each edge's weight is folded into that BN as its affine scale (`fused.weighted_bn`),
+  BN per edge), each edge's weight is folded into that BN as its affine scale (`functional.weighted_bn`),
   and `none` is never computed (its output is zero). On CPU the pooling is a depthwise conv
-  (`fused.avg_pool_3x3`). docs/performance.md has the measurements behind each choice.
+  (`functional.avg_pool_3x3`). docs/performance.md has the measurements behind each choice.
 
 Options of the supernet (both default off when constructed directly; `ModelConfig` turns
 `channels_last` on): `channels_last` (NHWC activations: on CPU about 1.3x faster convs and pools)
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import NB201_EDGES, NB201Genotype, derive_nb201
-from sdarts.spaces.fused import (avg_pool_3x3, checkpoint_cell, deferred_counters, weighted_bn,
+from sdarts.spaces.functional import (avg_pool_3x3, checkpoint_cell, deferred_counters, weighted_bn,
                                  weighted_mix)
 from sdarts.spaces.ops import NB201_OPS, ResNetBasicBlock, nb201_op
 from sdarts.spaces.supernet import Supernet
@@ -125,7 +125,7 @@ class FusedCell(nn.Module):
         return acc[NODES - 1]
 
     def count_later_bns(self) -> list[nn.BatchNorm2d]:
-        """The BNs this cell calls without stepping their counters (`fused.count_bn_steps`)."""
+        """The BNs this cell calls without stepping their counters (`functional.count_bn_steps`)."""
         return deferred_counters(self.bn3) + deferred_counters(self.bn1)
 
     @torch.no_grad()

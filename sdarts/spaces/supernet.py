@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from sdarts.arch import ArchParams
-from sdarts.spaces.fused import count_bn_steps
+from sdarts.spaces.functional import count_bn_steps
 
 
 class Supernet(nn.Module):
@@ -27,7 +27,7 @@ class Supernet(nn.Module):
         self.channels_last = channels_last
         self.checkpoint_cells = checkpoint_cells
         # BNs whose step counters the fast cells leave to one foreach op per training forward
-        # (`fused.count_bn_steps`: buffers stay exactly the classic net's)
+        # (`functional.count_bn_steps`: buffers stay exactly the classic net's)
         self._count_later = [bn for c in self.cells if hasattr(c, "count_later_bns") for bn in c.count_later_bns()]
         if channels_last:
             self.to(memory_format=torch.channels_last)

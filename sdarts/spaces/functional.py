@@ -1,4 +1,6 @@
-"""Building blocks of the fused supernet cells (`impl: fused`), shared by the NB201 and DARTS spaces.
+"""Functions the fast supernet cells are built from: NB201's `FusedCell` (`nb201_fused`), DARTS'
+`FusedSearchCell` and `GroupedSearchCell` (`darts_fused`, `darts_grouped`), and the per-cell
+checkpointing and deferred BN counters of every `Supernet`.
 
 Each is the same function as the op-by-op form, computed with fewer passes over memory and fewer
 tensors kept for backward (measured in docs/performance.md):
@@ -6,9 +8,9 @@ tensors kept for backward (measured in docs/performance.md):
   (BN without affine is `(x - mean) * invstd`, so scaling it by w is exactly BN with gamma = w). The
   weighted output is never stored: BN's backward needs only its input, and it already returns the
   gradient of its weight (which is dL/dw, summed per edge).
-- `avg_pool_3x3`: on CPU, `avg_pool2d(count_include_pad=False)` in NCHW is slow (about 4x a
-  depthwise conv of the same size, measured); a depthwise 3x3 conv with a ones kernel times a
-  constant 1/count map computes the same average. NHWC and GPU tensors use the native pooling.
+- `avg_pool_3x3`: on CPU, `avg_pool2d(count_include_pad=False)` in NCHW is slower than a depthwise
+  conv of the same size; a depthwise 3x3 conv with a ones kernel times a constant 1/count map
+  computes the same average. NHWC and GPU tensors use the native pooling.
 - `count_bn_steps`: the BN step counters of a supernet's cells in one op per forward, not one per BN.
 - `weighted_mix`: every outgoing edge's weighted sum of a node's parameter-free outputs (pools,
   identity skip) as one matmul, instead of a scalar multiply and an add per (edge, op).
@@ -52,8 +54,8 @@ def bn_count_later(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
 def count_bn_steps(bns: list[nn.modules.batchnorm._BatchNorm]) -> None:
     """Steps the `num_batches_tracked` of BNs called with `count=False` (`weighted_bn`, `bn_count_later`):
     all of a supernet's in one foreach op per training forward instead of one add per BN call. Each
-    add is a kernel of its own (785 of the fused DARTS step's 7555), and the counter only matters for
-    `momentum=None` BNs, which count at the call (`_batch_norm`) and must not be passed here."""
+    add is a kernel of its own (the default 8-cell DARTS supernet defers 768 BNs), and the counter only
+    matters for `momentum=None` BNs, which count at the call (`_batch_norm`) and must not be passed here."""
     counters = [bn.num_batches_tracked for bn in bns]
     if counters:
         torch._foreach_add_(counters, 1)
