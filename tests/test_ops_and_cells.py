@@ -3,8 +3,11 @@ import pytest
 import torch
 
 from sdarts.genotype import NB201_EDGES
-from sdarts.spaces.darts import DartsSupernet, SearchCell
-from sdarts.spaces.nb201 import ClassicCell, FusedCell, NB201Supernet
+from sdarts.spaces.darts import DartsSupernet
+from sdarts.spaces.darts_classic import SearchCell
+from sdarts.spaces.nb201 import NB201Supernet
+from sdarts.spaces.nb201_classic import ClassicCell
+from sdarts.spaces.nb201_fused import FusedCell
 from sdarts.spaces.ops import DARTS_OPS, NB201_OPS, PoolBN, ResNetBasicBlock, darts_op, nb201_op
 
 

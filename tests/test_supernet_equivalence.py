@@ -13,9 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdarts.spaces.darts import DartsSupernet, FusedSearchCell, GroupedSearchCell, SearchCell
+from sdarts.spaces.darts import DartsSupernet
+from sdarts.spaces.darts_classic import SearchCell
+from sdarts.spaces.darts_fused import FusedSearchCell
+from sdarts.spaces.darts_grouped import GroupedSearchCell
 from sdarts.spaces.functional import weighted_mix
-from sdarts.spaces.nb201 import ClassicCell, FusedCell, NB201Supernet
+from sdarts.spaces.nb201 import NB201Supernet
+from sdarts.spaces.nb201_classic import ClassicCell
+from sdarts.spaces.nb201_fused import FusedCell
 from sdarts.spaces.ops import DARTS_OPS, NB201_OPS
 
 
@@ -71,8 +76,8 @@ def _op_weight_pairs(classic, fused):
                 for k, i in enumerate(range(j + 1, 4)):
                     sl = slice(k * f.C, (k + 1) * f.C)
                     ops = c.edges[f"{i}_{j}"].ops
-                    pairs.append((ops[NB201_OPS.index("nor_conv_3x3")][1].weight, f.conv3[j].weight, sl))
-                    pairs.append((ops[NB201_OPS.index("nor_conv_1x1")][1].weight, f.conv1[j].weight, sl))
+                    pairs.append((ops[NB201_OPS.index("nor_conv_3x3")].conv.weight, f.conv3[j].weight, sl))
+                    pairs.append((ops[NB201_OPS.index("nor_conv_1x1")].conv.weight, f.conv1[j].weight, sl))
         else:
             for name in ("preprocess0", "preprocess1"):
                 for pc, pf in zip(getattr(c, name).parameters(), getattr(f, name).parameters()):
@@ -102,13 +107,13 @@ def _bn_stat_pairs(classic, fused):
                     sl = slice(k * f.C, (k + 1) * f.C)
                     ops = c.edges[f"{i}_{j}"].ops
                     for bn, name in ((f.bn3[j], "nor_conv_3x3"), (f.bn1[j], "nor_conv_1x1")):
-                        cb = ops[NB201_OPS.index(name)][2]
+                        cb = ops[NB201_OPS.index(name)].bn
                         pairs += [(cb.running_mean, bn.running_mean[sl]), (cb.running_var, bn.running_var[sl])]
         else:
             for j, out_edges in enumerate(f.out_edges):
                 for name, bn in f.pool_bn[j].items():
                     for e in out_edges:  # every classic copy equals the one shared BN
-                        cb = c.edges[e].ops[DARTS_OPS.index(name)][1]
+                        cb = c.edges[e].ops[DARTS_OPS.index(name)].bn  # the pool's BN
                         pairs += [(cb.running_mean, bn.running_mean), (cb.running_var, bn.running_var)]
             if isinstance(f, GroupedSearchCell):
                 for e, ce in enumerate(c.edges):
