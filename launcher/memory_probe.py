@@ -41,7 +41,7 @@ def _overrides(micro_batch: int, precision: str) -> list[str]:
 def build_network(job: Job, genotype: str | None = None) -> torch.nn.Module:
     """The job's network, in training mode, on the CPU (no engine)."""
     if job.kind == "search":
-        from sdarts.spaces import build_supernet
+        from sdarts.spaces.build import build_supernet
         return build_supernet(job.cfg).train()
     from retrain.model import build_network as build
     from sdarts import genotype as G
@@ -107,11 +107,11 @@ def _search_stepper(job: Job, world: int, device):
     from sdarts.data import Batch
     from sdarts.engine import SearchEngine
     from sdarts.search.strategies import make_strategy
-    from sdarts.spaces import build_supernet
+    from sdarts.spaces.build import build_supernet
     cfg = job.cfg
-    se = SearchEngine(cfg, build_supernet(cfg), world, device)
-    se.set_epoch_lr(0)
-    strategy = make_strategy(cfg.strategy, se, 1, cfg)
+    engine = SearchEngine(cfg, build_supernet(cfg), world, device)
+    engine.set_epoch_lr(0)
+    strategy = make_strategy(cfg.strategy, engine, 1)
     mb = cfg.data.micro_batch
 
     def batches():

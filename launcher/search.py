@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.run_dir or os.path.join("runs", Path(args.config).stem)
         result = run_search(cfg, run_dir, resume=args.resume, force=args.force)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"genotype: {result.genotype.to_arch_str() if result.genotype.space == 'nb201' else result.genotype.to_string()}")
+            print(f"genotype: {result.genotype}")
             print(f"run directory: {run_dir}")
     return 0
 

@@ -1,39 +1,35 @@
 """The retrain loop: train the found cell's network from scratch, evaluate every epoch, checkpoint.
 
-Read top to bottom, `run_retrain` is the whole recipe (nanoGPT style): build the network, a plain
-torch SGD and the DeepSpeed engine (which averages gradients across ranks, clips them, runs bf16/fp16
-autocast with BatchNorm in fp32 and, for fp16, DeepSpeed's GradScaler), maybe resume, then per epoch:
-set lr and drop-path from their formulas (`retrain.recipe`), train steps with label-smoothed loss +
-0.4 x auxiliary loss, evaluate top-1/top-5 over all ranks' shards combined, save best and last.
+`run_retrain` reads top to bottom (nanoGPT style): build the network, a plain torch SGD and the
+DeepSpeed engine (which averages gradients across ranks, clips them, runs bf16/fp16 autocast with
+BatchNorm in fp32 and, for fp16, DeepSpeed's GradScaler); resume or start; then per epoch set lr and
+drop-path from their formulas (`retrain.recipe`), take the steps (`train_epoch`: label-smoothed loss +
+0.4 x auxiliary loss) and evaluate (`retrain.evaluate`). Everything around the steps (run directory,
+logs, profiler, preemption, checkpoints, summary) is `sdarts.run.Run`.
 
 Run directory (the search's conventions): config.yaml, ds_config.json, genotype.json, metrics.jsonl,
 tb/, checkpoints/ (DeepSpeed tags + atomic `latest`, best.pt), summary.json when all epochs are done.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from sdarts.config import dump
-from sdarts.distributed import barrier, init
-from sdarts.engine import CheckpointError, check_precision, ds_config, numerical_fault, write_ds_config
-from sdarts.genotype import Genotype, save as save_genotype
-from sdarts.preempt import PreemptionSignals
-from sdarts.profiling import StepProfiler
-from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
+from sdarts.engine import check_precision, ds_config
+from sdarts.errors import CheckpointError
+from sdarts.genotype import Genotype, load as load_genotype, save as save_genotype
+from sdarts.run import Run
 
-from retrain.checkpoint import load_last, save_best, save_last
 from retrain.config import RetrainConfig
 from retrain.data import build_loaders
+from retrain.evaluate import EpochEvaluation
 from retrain.model import build_network
-from retrain.recipe import Ema, drop_path_at, lr_at, smoothed_cross_entropy, topk_correct
+from retrain.recipe import Ema, drop_path_at, lr_at, smoothed_cross_entropy
 from retrain.summary import count_params
 
 log = logging.getLogger("sdarts")
@@ -45,24 +41,18 @@ class RetrainResult:
     finished: bool
 
 
-def _autocast(cfg: RetrainConfig, device: torch.device):
-    if cfg.precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-
-
 def build_engine(cfg: RetrainConfig, model: torch.nn.Module, world: int, device: torch.device):
     """(DeepSpeed engine, its plain torch SGD, the ds_config): DeepSpeed owns gradient averaging,
     clipping (`gradient_clipping`), autocast and, for fp16, the GradScaler (ZeRO 0)."""
     import deepspeed
     w = cfg.optim.w
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.base_lr(world), momentum=w.momentum,
-                          weight_decay=w.weight_decay, nesterov=w.nesterov)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.base_lr(world), momentum=w.momentum,
+                                weight_decay=w.weight_decay, nesterov=w.nesterov)
     ds = ds_config(cfg.data.micro_batch, cfg.engine.grad_accum, world, cfg.precision, cfg.engine.autocast,
                    cfg.engine.zero_stage, device.type == "cuda")
     ds["gradient_clipping"] = w.grad_clip
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    return engine, opt, ds
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return ds_engine, optimizer, ds
 
 
 def train_loss(cfg: RetrainConfig, logits: torch.Tensor, logits_aux: torch.Tensor | None,
@@ -74,218 +64,138 @@ def train_loss(cfg: RetrainConfig, logits: torch.Tensor, logits_aux: torch.Tenso
     return loss
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, cfg: RetrainConfig, device: torch.device) -> dict:
-    """Top-1/top-5 and cross-entropy over every image of the eval split, summed across ranks."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, n
-    for batch in loader:
-        x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
-        valid = batch.ids.to(device) >= 0
-        with _autocast(cfg, device):
-            logits, _ = model(x)
-        logits = logits.float()
-        loss = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        c1, c5 = topk_correct(logits, y, valid)
-        sums += torch.stack([loss[valid].sum().double(), c1.double(), c5.double(), valid.sum().double()])
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(sums)
-    model.train(was_training)
-    loss, c1, c5, n = sums.tolist()
-    n = max(n, 1.0)
-    return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "images": int(n)}
-
-
 def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, resume: bool = False,
                 force: bool = False) -> RetrainResult:
-    t_start = time.time()
-    rank, _, world, device = init(cfg.engine.device)
-    check_precision(cfg.precision, device)
-    run_dir = Path(run_dir)
-    prepare_run_dir(run_dir, resume, force, rank, ("checkpoints",))
-    is_main = rank == 0
-    torch.manual_seed(cfg.seed)
-    accum = cfg.engine.grad_accum
-
-    skipped: list[str] = []
-    train_loader, eval_loader = build_loaders(cfg, rank, world, device, skipped)
-    if skipped and is_main:
-        log.warning("skipped %d undecodable samples (data.on_bad_sample=skip); first: %s", len(skipped), skipped[0])
+    run = Run(cfg, run_dir)
+    check_precision(cfg.precision, run.device)
+    run.prepare(resume, force, ("checkpoints",))
+    train_loader, eval_loader = build_loaders(cfg, run.rank, run.world, run.device, run.skipped)
+    run.warn_skipped()
     m = cfg.model
     model = build_network(genotype, cfg.data.dataset, m.C, m.layers, cfg.num_classes, m.auxiliary, 0.0)
     params = count_params(model)
-    w = cfg.optim.w
-    base_lr = cfg.base_lr(world)
-    engine, opt, ds = build_engine(cfg, model, world, device)
-    model = engine.module
+    ds_engine, optimizer, ds = build_engine(cfg, model, run.world, run.device)
+    model = ds_engine.module
     ema = Ema(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
-    ema_model = None
-
-    metrics = JsonlLog(run_dir / "metrics.jsonl", is_main or cfg.log.all_ranks)
-    ckpt_dir = run_dir / "checkpoints"
-    start_epoch, step = 0, 0
-    best = {"top1": -1.0, "top5": 0.0, "epoch": 0, "source": "model"}
-    last_eval: dict = {}
     gj = genotype.to_json()
-    if resume and (run_dir / "genotype.json").exists():
-        from sdarts.genotype import load as load_genotype
-        if load_genotype(run_dir / "genotype.json").to_json() != gj:
-            raise CheckpointError(f"{run_dir}: this run was trained with another genotype than --genotype "
-                                  f"(see {run_dir / 'genotype.json'})")
-    client = load_last(engine, ckpt_dir, gj) if resume else None
+    evaluation = EpochEvaluation(run, cfg, model, ema, eval_loader, gj)
+    if resume:
+        refuse_other_genotype_run(run.dir, gj)
+    client = run.resume_or_start(ds_engine, resume, "network", refuse_other_network(gj), [], ds)
+    start_epoch = 0
     if client is not None:
-        start_epoch, step, best = client["epoch"], client["step"], client["best"]
-        last_eval = client.get("last_eval", {})
+        start_epoch = client["epoch"]
+        evaluation.load(client)
         train_loader.load_state_dict(client["train_loader"])
-        torch.set_rng_state(client["torch_rng"])
-        if device.type == "cuda" and client.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(client["cuda_rng"], device)
         if ema is not None and client.get("ema") is not None:
             ema.load_state_dict(client["ema"])
-        scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-        if scaler is not None and client.get("grad_scaler"):
-            scaler.load_state_dict(client["grad_scaler"])
-        metrics.truncate_after(step)
-        if is_main:
-            log.info("resumed from step %d (epoch %d)", step, start_epoch)
-    elif is_main:
-        atomic_write(run_dir / "config.yaml", dump(cfg))
-        write_ds_config(run_dir / "ds_config.json", ds)
-        save_genotype(genotype, run_dir / "genotype.json")
+        if grad_scaler(ds_engine) is not None and client.get("grad_scaler"):
+            grad_scaler(ds_engine).load_state_dict(client["grad_scaler"])
+    elif run.is_main:
+        save_genotype(genotype, run.dir / "genotype.json")
 
-    tb = None
-    if is_main and cfg.log.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(run_dir / "tb"))
+    def save(epoch: int) -> None:
+        scaler = grad_scaler(ds_engine)
+        run.save(ds_engine, epoch, {
+            "kind": "retrain", "genotype": gj, **evaluation.state(), "train_loader": train_loader.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "grad_scaler": scaler.state_dict() if scaler is not None else None})
 
-    def checkpoint(epoch: int) -> None:
-        scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
-        state = {"kind": "retrain", "genotype": gj, "epoch": epoch, "step": step, "best": best,
-                 "last_eval": last_eval, "train_loader": train_loader.state_dict(),
-                 "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                 "ema": ema.state_dict() if ema is not None else None,
-                 "grad_scaler": scaler.state_dict() if scaler is not None else None}
-        save_last(engine, ckpt_dir, f"step{step:09d}", state, cfg.checkpoint.keep)
-
-    signals = PreemptionSignals()
-    steps_per_epoch = len(train_loader) // accum
-    progress = StepProgress(metrics, tb, "train", cfg.log.every_steps, steps_per_epoch, is_main and cfg.log.progress)
-    profiler = StepProfiler(run_dir / "profile", cfg.log.profile_warmup, cfg.log.profile_steps,
-                            is_main or cfg.log.all_ranks, device.type, rank, first_step=step)
-    if is_main:
+    if run.is_main:
         log.info("network: %s, %.2fM params (no aux head); %d ranks x %d x %d accum = global batch %d, lr %.4g",
-                 type(model).__name__, params / 1e6, world, cfg.data.micro_batch, accum,
-                 cfg.global_batch(world), base_lr)
+                 type(model).__name__, params / 1e6, run.world, cfg.data.micro_batch, cfg.engine.grad_accum,
+                 cfg.global_batch(run.world), cfg.base_lr(run.world))
     capped = False
-    try:
+    with run.training(len(train_loader) // cfg.engine.grad_accum, "train"):
         for epoch in range(start_epoch, cfg.epochs):
-            lr = lr_at(epoch, cfg.epochs, base_lr, w.schedule, w.warmup_epochs, w.lr_min)
-            for g in opt.param_groups:
+            w = cfg.optim.w
+            lr = lr_at(epoch, cfg.epochs, cfg.base_lr(run.world), w.schedule, w.warmup_epochs, w.lr_min)
+            for g in optimizer.param_groups:
                 g["lr"] = lr
             model.drop_path_prob = drop_path_at(epoch, cfg.epochs, m.drop_path)
-            train_loader.set_epoch(epoch)
-            batches = iter(train_loader)
-            done = train_loader.state_dict().get("position", 0) // accum
-            progress.start_epoch(epoch, cfg.epochs, done)
-            engine.train()
-            for _ in range(done, steps_per_epoch):
-                loss_sum, correct, seen = 0.0, 0, 0
-                for _ in range(accum):  # one optimizer step = accum micro-batches
-                    batch = next(batches)
-                    x, y = batch.x.to(device, non_blocking=True), batch.y.to(device, non_blocking=True)
-                    logits, logits_aux = engine(x)
-                    loss = train_loss(cfg, logits, logits_aux, y)
-                    value = float(loss.detach())
-                    # fp16 leaves overflow to DeepSpeed's loss scaler (it skips and counts the step);
-                    # elsewhere a NaN/inf loss stops the run before backward, so no weight moves
-                    if cfg.precision != "fp16" and not math.isfinite(value):
-                        raise numerical_fault(ckpt_dir, step, epoch, f"non-finite loss ({value})")
-                    engine.backward(loss)
-                    engine.step()
-                    loss_sum += value
-                    # a device tensor, read only when a record is due: an int() here would stall the host
-                    # until the optimizer step finished, every step
-                    correct = correct + (logits.detach().argmax(1) == y).sum()
-                    seen += y.numel()
-                if ema is not None:
-                    ema.update(model)
-                step += 1
-                profiler.step_done(seen)
-                progress.step(step, seen * world, lambda ips: {
-                    "step": step, "epoch": epoch, "split": "train", "loss": loss_sum / accum,
-                    "acc": int(correct) / max(seen, 1), "lr_w": lr, "drop_path": model.drop_path_prob,
-                    "images_per_s": ips, "rank": rank})
-                signals.stop_if_asked(lambda: checkpoint(epoch), step, announce=is_main)
-                if cfg.max_steps and step >= cfg.max_steps and step % steps_per_epoch != 0:
-                    capped = True
-                    break
-                if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 \
-                        and step % steps_per_epoch != 0:
-                    checkpoint(epoch)
-            progress.end_epoch()
-            if capped:
-                checkpoint(epoch)
+            if train_epoch(run, cfg, ds_engine, train_loader, ema, epoch, lr, save):
+                capped = True
+                save(epoch)
                 break
-            # epoch end: evaluate (model, and EMA when on), keep the best, checkpoint
-            last_eval = {"model": evaluate(model, eval_loader, cfg, device)}
-            judged, weights = last_eval["model"], model.state_dict
-            if ema is not None:
-                if ema_model is None:
-                    import copy
-                    ema_model = copy.deepcopy(model)
-                ema.copy_to(ema_model)
-                # integer buffers (BN counters) follow the live model, so best.pt does not depend on the
-                # step at which ema_model was first copied (which a resume moves)
-                target = ema_model.state_dict()
-                for k, v in model.state_dict().items():
-                    if not v.is_floating_point():
-                        target[k].copy_(v)
-                last_eval["ema"] = evaluate(ema_model, eval_loader, cfg, device)
-                judged, weights = last_eval["ema"], ema_model.state_dict
-            for src, ev in last_eval.items():
-                rec = {"step": step, "epoch": epoch + 1, "split": "eval" if src == "model" else "eval_ema",
-                       "loss": ev["loss"], "acc": ev["top1"] / 100.0, "top1": ev["top1"], "top5": ev["top5"],
-                       "images": ev["images"]}
-                metrics.append(rec)
-                if tb:
-                    for k in ("loss", "top1", "top5"):
-                        tb.add_scalar(f"{rec['split']}/{k}", ev[k], epoch + 1)
-            if judged["top1"] > best["top1"]:
-                best = {"top1": judged["top1"], "top5": judged["top5"], "epoch": epoch + 1,
-                        "source": "ema" if ema is not None else "model"}
-                if is_main:
-                    save_best(ckpt_dir / "best.pt", weights(), {"genotype": gj, **best})
-            if is_main:
-                line = (f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} eval top1 {last_eval['model']['top1']:.2f} "
-                        f"top5 {last_eval['model']['top5']:.2f}")
-                if "ema" in last_eval:
-                    line += f" | ema top1 {last_eval['ema']['top1']:.2f}"
-                log.info(line + f" | best {best['top1']:.2f} (epoch {best['epoch']})")
+            evaluation.epoch_end(epoch, lr)
             train_loader.set_epoch(epoch + 1)
-            checkpoint(epoch + 1)
-            if cfg.max_steps and step >= cfg.max_steps and epoch + 1 < cfg.epochs:
+            save(epoch + 1)
+            if cfg.max_steps and run.step >= cfg.max_steps and epoch + 1 < cfg.epochs:
                 capped = True
                 break
-    finally:
-        profiler.close()
-        signals.restore()
-        if tb:
-            tb.close()
 
-    ips = [r["images_per_s"] for r in metrics.read() if r.get("images_per_s")]
     summary = {"genotype": gj, "dataset": cfg.data.dataset, "network": type(model).__name__,
-               "params": params, "epochs": cfg.epochs, "steps": step, "world_size": world,
-               "global_batch": cfg.global_batch(world), "lr": base_lr, "precision": cfg.precision,
-               "best": best, "last": last_eval, "wall_time_s": time.time() - t_start,
-               "images_per_s": sum(ips) / len(ips) if ips else None, "skipped_samples": len(skipped),
-               "fp16_skipped_steps": int(getattr(engine, "skipped_steps", 0))}
-    if capped:
-        if is_main:
-            log.info("stopped at max_steps=%d (step %d); continue with --resume", cfg.max_steps, step)
-    elif is_main:
-        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    barrier()
-    return RetrainResult(summary, finished=not capped)
+               "params": params, "epochs": cfg.epochs, "steps": run.step, "global_batch": cfg.global_batch(run.world),
+               "lr": cfg.base_lr(run.world), "precision": cfg.precision, "best": evaluation.best,
+               "last": evaluation.last, "fp16_skipped_steps": int(getattr(ds_engine, "skipped_steps", 0))}
+    if capped and run.is_main:
+        log.info("stopped at max_steps=%d (step %d); continue with --resume", cfg.max_steps, run.step)
+    return RetrainResult(run.finish(summary, write=not capped), finished=not capped)
+
+
+def train_epoch(run: Run, cfg: RetrainConfig, ds_engine, loader, ema: Ema | None, epoch: int, lr: float,
+                save: Callable[[int], None]) -> bool:
+    """One epoch's optimizer steps, from where a resumed run left off. True when `max_steps` cut it short."""
+    accum = cfg.engine.grad_accum
+    steps_per_epoch = len(loader) // accum
+    model = ds_engine.module
+    loader.set_epoch(epoch)
+    batches = iter(loader)
+    done = loader.state_dict().get("position", 0) // accum
+    run.progress.start_epoch(epoch, cfg.epochs, done)
+    ds_engine.train()
+    for _ in range(done, steps_per_epoch):
+        loss_sum, correct, seen = 0.0, 0, 0
+        for _ in range(accum):  # one optimizer step = accum micro-batches
+            batch = next(batches)
+            x, y = batch.x.to(run.device, non_blocking=True), batch.y.to(run.device, non_blocking=True)
+            logits, logits_aux = ds_engine(x)
+            loss = train_loss(cfg, logits, logits_aux, y)
+            value = float(loss.detach())
+            # fp16 leaves overflow to DeepSpeed's loss scaler (it skips and counts the step);
+            # elsewhere a NaN/inf loss stops the run before backward, so no weight moves
+            if cfg.precision != "fp16" and not math.isfinite(value):
+                raise run.numerical_fault(epoch, f"non-finite loss ({value})")
+            ds_engine.backward(loss)
+            ds_engine.step()
+            loss_sum += value
+            # a device tensor, read only when a record is due: an int() here would stall the host until
+            # the optimizer step finished, every step
+            correct = correct + (logits.detach().argmax(1) == y).sum()
+            seen += y.numel()
+        if ema is not None:
+            ema.update(model)
+        run.after_step(seen, lambda ips: {
+            "step": run.step, "epoch": epoch, "split": "train", "loss": loss_sum / accum,
+            "acc": int(correct) / max(seen, 1), "lr_w": lr, "drop_path": model.drop_path_prob,
+            "images_per_s": ips, "rank": run.rank})
+        run.stop_if_preempted(lambda: save(epoch))
+        if cfg.max_steps and run.step >= cfg.max_steps and run.step % steps_per_epoch != 0:
+            run.progress.end_epoch()
+            return True
+        if run.checkpoint_due(steps_per_epoch):
+            save(epoch)
+    run.progress.end_epoch()
+    return False
+
+
+def grad_scaler(ds_engine):
+    """DeepSpeed's GradScaler under fp16 autocast (ZeRO 0), else None."""
+    return getattr(ds_engine, "torch_autocast_z0_gradscaler", None)
+
+
+def refuse_other_network(genotype_json: dict) -> Callable[[dict], str | None]:
+    """A retrain checkpoint of this genotype is the only one `--resume` may load."""
+    def refuse(client: dict) -> str | None:
+        if client.get("kind") != "retrain":
+            return "not a retrain checkpoint"
+        if client.get("genotype") != genotype_json:
+            return "checkpoint was trained with another genotype than --genotype"
+        return None
+    return refuse
+
+
+def refuse_other_genotype_run(run_dir: Path, genotype_json: dict) -> None:
+    if (run_dir / "genotype.json").exists() and load_genotype(run_dir / "genotype.json").to_json() != genotype_json:
+        raise CheckpointError(f"{run_dir}: this run was trained with another genotype than --genotype "
+                              f"(see {run_dir / 'genotype.json'})")

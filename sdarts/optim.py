@@ -6,24 +6,30 @@ gradients are not averaged under ZeRO 1/2, and under ZeRO 0 `engine.step()` clea
 Adam step. Handing DeepSpeed one optimizer whose param groups are tagged `w` / `alpha` gives both the
 engine's gradient averaging, master weights and checkpointing, and keeps the two update rules apart.
 
-`active` selects which tags a step updates: single-level steps both from one backward; bi-level
-phases step only the group they own. Gradient clipping applies to the `w` group only (alpha's
+`updating(groups)` scopes a step to the groups it names (DeepSpeed calls `step()` with no arguments,
+so `SearchEngine.step(groups)` wraps its one `ds_engine.step()` in it): single-level updates both from
+one backward; bi-level phases update only the group they own. Outside that scope a step updates both. Gradient clipping applies to the `w` group only (alpha's
 gradients are not clipped, as in DARTS); under ZeRO 1/2 each rank holds a partition of the gradients,
 so the norm is all-reduced.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.distributed as dist
 
 
+#: the parameter groups, by tag: network weights and architecture parameters
+ALL_GROUPS = frozenset({"w", "alpha"})
+
+
 class CombinedOptimizer(torch.optim.Optimizer):
     def __init__(self, weights, alphas, *, w_lr: float, w_momentum: float, w_weight_decay: float,
                  w_nesterov: bool, alpha_rule: str, alpha_lr: float, alpha_betas=(0.5, 0.999),
                  alpha_eps: float = 1e-8, alpha_momentum: float = 0.9, alpha_weight_decay: float = 0.0,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, partitioned: bool = False):
         if alpha_rule not in ("adam", "sgd"):
             raise ValueError(f"optim.alpha.optimizer must be adam or sgd, got {alpha_rule!r}")
         groups = [
@@ -33,10 +39,22 @@ class CombinedOptimizer(torch.optim.Optimizer):
                  weight_decay=alpha_weight_decay, nesterov=False, betas=tuple(alpha_betas), eps=alpha_eps),
         ]
         super().__init__(groups, defaults=dict(lr=w_lr))
-        self.active: set[str] = {"w", "alpha"}
         self.grad_clip = grad_clip
-        self.partitioned = False  # set by the engine under ZeRO 1/2
+        self.partitioned = partitioned  # ZeRO 1/2: each rank holds a partition of the gradients
+        self._groups: frozenset[str] = ALL_GROUPS
         self.last_grad_norm: float | None = None
+
+    @contextlib.contextmanager
+    def updating(self, groups: frozenset[str]):
+        """Steps taken inside update only the parameter groups tagged in `groups`."""
+        unknown = set(groups) - ALL_GROUPS
+        if unknown:
+            raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; expected w and/or alpha")
+        self._groups = frozenset(groups)
+        try:
+            yield
+        finally:
+            self._groups = ALL_GROUPS
 
     def set_lr(self, tag: str, lr: float) -> None:
         for g in self.param_groups:
@@ -64,7 +82,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            if group["tag"] not in self.active:
+            if group["tag"] not in self._groups:
                 continue
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

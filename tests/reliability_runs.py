@@ -45,7 +45,7 @@ def env(**extra: str) -> dict:
 
 
 def run(args: list[str], fault: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """One CLI process; `fault` sets SDARTS_TEST_FAULT (see sdarts.engine.fault_point)."""
+    """One CLI process; `fault` sets SDARTS_TEST_FAULT (see sdarts.checkpoint.fault_point)."""
     extra = {"SDARTS_TEST_FAULT": fault} if fault else {}
     return subprocess.run([PYTHON, *args], cwd=ROOT, env=env(**extra), capture_output=True, text=True,
                           timeout=timeout)

@@ -150,18 +150,18 @@ def _hook_run(strategy: str, steps: int = 3):
     from sdarts.analysis.hook import SearchAnalysis
     cfg = tiny_cfg(strategy=strategy, **{"analysis.grad_corr_every": 1, "analysis.grad_p_every": 2,
                                          "analysis.cells": "[0, 2]"})
-    se, strat, tr, va = make(cfg)
-    return cfg, se, strat, tr, va, SearchAnalysis
+    engine, strategy, tr, va = make(cfg)
+    return cfg, engine, strategy, tr, va, SearchAnalysis
 
 
-@pytest.mark.parametrize("strategy", ["single_level", "bilevel"])
-def test_hook_logs_and_restores_bn_stats(tmp_path, strategy):
-    cfg, se, strat, tr, va, SearchAnalysis = _hook_run(strategy)
-    model = se.module
+@pytest.mark.parametrize("name", ["single_level", "bilevel"])
+def test_hook_logs_and_restores_bn_stats(tmp_path, name):
+    cfg, engine, strategy, tr, va, SearchAnalysis = _hook_run(name)
+    model = engine.module
     analysis = SearchAnalysis(cfg, tmp_path, model, tr, va)
-    ti, vi = iter(tr), (va.cycle() if strat.uses_valid else None)
+    ti, vi = iter(tr), (va.cycle() if strategy.uses_valid else None)
     for step in range(1, 4):
-        res = strat.step(ti, vi)
+        res = strategy.step(ti, vi)
         before = {n: b.clone() for n, b in model.named_buffers()}
         analysis.maybe_log(step, 0, res)
         assert all(torch.equal(before[n], b) for n, b in model.named_buffers())
@@ -171,7 +171,7 @@ def test_hook_logs_and_restores_bn_stats(tmp_path, strategy):
     assert [r["step"] for r in corr] == [1, 2, 3] and [r["step"] for r in dldp] == [2]
     assert set(corr[0]["same_step"]["cells"]) == {"0", "2"}
     assert corr[0]["prev_w"] is None and corr[1]["prev_w"] is not None
-    if strategy == "single_level":
+    if name == "single_level":
         assert all(r["same_batch"] for r in corr)
         assert all(r["same_step"]["mean_cos"] == pytest.approx(1.0, abs=1e-5) for r in corr)
     else:

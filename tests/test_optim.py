@@ -1,4 +1,5 @@
-"""CombinedOptimizer follows torch's SGD and Adam rules exactly, steps only the active groups, clips w only."""
+"""CombinedOptimizer follows torch's SGD and Adam rules exactly, steps only the groups named in `updating`, clips w only."""
+import pytest
 import torch
 
 from sdarts.optim import CombinedOptimizer, cosine_lr
@@ -38,13 +39,20 @@ def test_alpha_sgd_rule_and_phases():
                             alpha_rule="sgd", alpha_lr=0.005, alpha_momentum=0.9, alpha_weight_decay=3e-4)
     ref = torch.optim.SGD(a_ref, lr=0.005, momentum=0.9, weight_decay=3e-4)
     w0 = [p.detach().clone() for p in w]
-    opt.active = {"alpha"}
     for k in range(3):
         _grads(w + a, k), _grads(a_ref, k + 1000)
         a_ref[0].grad = a[0].grad.clone()
-        opt.step(), ref.step()
+        with opt.updating(frozenset({"alpha"})):
+            opt.step()
+        ref.step()
     assert torch.allclose(a[0], a_ref[0], atol=1e-7)
-    assert all(torch.equal(p, q) for p, q in zip(w, w0))  # w group inactive: untouched
+    assert all(torch.equal(p, q) for p, q in zip(w, w0))  # w group not named: untouched
+    # the scope ends with the block: a later step updates both groups again
+    opt.step()
+    assert not all(torch.equal(p, q) for p, q in zip(w, w0))
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        with opt.updating(frozenset({"weights"})):
+            pass
 
 
 def test_clipping_applies_to_w_only():

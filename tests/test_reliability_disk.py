@@ -5,7 +5,7 @@ and no code path evaluates user text or unpickles a checkpoint without `weights_
 The full disk is real when the tests run as root: the run directory is a size-limited tmpfs that
 holds one checkpoint but not two, so the second save fails inside torch.save with ENOSPC. Without
 root, and for the retrain, the checkpoint writer's test hook (SDARTS_TEST_FAULT=save.written:enospc,
-see `sdarts.engine.fault_point`) cuts the new files to half and raises ENOSPC at the same place.
+see `sdarts.checkpoint.fault_point`) cuts the new files to half and raises ENOSPC at the same place.
 """
 import ast
 import os

@@ -5,7 +5,7 @@ through a chain of deaths, each resumed with --resume, and must end bit-for-bit 
 run ends (weights, optimizer-dependent alpha, genotype, EMA, best checkpoint, logs, checkpoint list).
 
 The instants inside a checkpoint save last microseconds, so they are hit from inside the process with
-the test-only hook SDARTS_TEST_FAULT="<point>:<action>[:<n>|*]" (`sdarts.engine.fault_point`); the
+the test-only hook SDARTS_TEST_FAULT="<point>:<action>[:<n>|*]" (`sdarts.checkpoint.fault_point`); the
 death itself is a real SIGKILL (or SIGTERM) the process sends itself. Kill points:
   save.term      a SIGTERM arrives during a periodic save, and a second one during the preemption
                  save it causes: exit 124 with a complete checkpoint
@@ -26,7 +26,7 @@ import torch
 
 from reliability_runs import (KILLED, SEARCH, assert_same_tensors, finished_retrain, finished_search, jsonl,
                               latest, retrain_cmd, run, state, tags)
-from sdarts.engine import verify_safe
+from sdarts.checkpoint import verify_safe
 from sdarts.errors import CheckpointError
 
 pytestmark = pytest.mark.slow
@@ -134,15 +134,15 @@ def test_fp16_overflow_skips_the_step_for_w_and_alpha_and_counts_it():
     """An overflowed fp16 step is skipped by the loss scaler for weights and alpha alike, and counted."""
     from sdarts.data import Batch
     from search_helpers import changed, make, snapshot, tiny_cfg
-    se, strat, tr, _ = make(tiny_cfg(precision="fp16", **{"engine.autocast": "false"}))
+    engine, strategy, tr, _ = make(tiny_cfg(precision="fp16", **{"engine.autocast": "false"}))
     b = next(iter(tr))
     # real images scaled to ~6e4: the stem's conv overflows fp16 -> inf/NaN loss and grads. (A constant
     # 6e4 image did not: its conv output is one value per channel, which BN maps to 0, a finite loss;
     # this test never ran before a CPU with avx512_fp16, and then failed on that premise.)
     huge = Batch(b.x * 6e4, b.y, b.ids)
-    w0, a0 = snapshot(se.module)
-    res = strat.step(iter([huge]), None)
+    w0, a0 = snapshot(engine.module)
+    res = strategy.step(iter([huge]), None)
     assert not torch.isfinite(res.loss), "the batch must overflow fp16 for this test to say anything"
-    w1, a1 = snapshot(se.module)
+    w1, a1 = snapshot(engine.module)
     assert not changed(w0, w1) and not changed(a0, a1)
-    assert se.skipped_steps() == 1
+    assert engine.skipped_steps() == 1

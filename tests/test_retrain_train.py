@@ -9,7 +9,8 @@ import torch
 from conftest import PYTHON, ROOT, deepspeed_cmd, need_data
 from retrain.config import RetrainConfig, load
 from retrain.model import NetworkCIFAR, NetworkImageNet
-from retrain.train import build_engine, evaluate, run_retrain, train_loss
+from retrain.evaluate import evaluate
+from retrain.train import build_engine, run_retrain, train_loss
 from sdarts.config import build
 from sdarts.distributed import init
 from sdarts.genotype import LITERATURE
