@@ -7,7 +7,6 @@ resolved `config.yaml` of every run use them): a renamed key breaks every file t
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -72,7 +71,8 @@ class ModelConfig(_Strict):
     stem: Literal["cifar", "imagenet"] = "cifar"
     num_classes: int = Field(default=10, gt=1)
     #: supernet implementation: 'fused' (default, fast), 'grouped' (DARTS space: a node's edges, and both
-    #: input nodes' edges together, as grouped convs: 0.45x the kernels of fused, for GPUs) or 'classic'
+    #: input nodes' edges together, as grouped convs: 0.44x the kernels of fused per
+    #: DARTS step, benchmarks/dispatch_count.py, for GPUs) or 'classic'
     #: (op-by-op reference)
     impl: Literal["fused", "grouped", "classic"] = "fused"
     #: NHWC activations and conv weights; unset = on for impl 'fused'/'grouped', off for 'classic' (NHWC

@@ -20,8 +20,8 @@ from sdarts.config import SearchConfig
 from sdarts.optim import CombinedOptimizer, cosine_lr
 
 
-def ds_config(micro_batch: int, accum: int, world: int, precision: str, autocast: bool, zero_stage: int,
-              on_cuda: bool) -> dict:
+def ds_config(micro_batch: int, accum: int, world: int, precision: str, autocast: bool, zero_stage: int
+              ) -> dict:
     """The DeepSpeed config for our settings (gradient clipping is done by CombinedOptimizer)."""
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -70,7 +70,7 @@ class SearchEngine:
             alpha_momentum=o.alpha.momentum, alpha_weight_decay=o.alpha.weight_decay, grad_clip=o.w.grad_clip,
             partitioned=cfg.engine.zero_stage > 0)
         self.ds_config = ds_config(cfg.data.micro_batch, cfg.engine.grad_accum, world, cfg.precision,
-                                   cfg.engine.autocast, cfg.engine.zero_stage, device.type == "cuda")
+                                   cfg.engine.autocast, cfg.engine.zero_stage)
         # DeepSpeed broadcasts parameters as flat byte views, which NHWC (channels_last) weights cannot
         # give; activations stay channels_last because the supernet converts its input
         for p in model.parameters():

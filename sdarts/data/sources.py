@@ -13,7 +13,6 @@ across restarts.
 from __future__ import annotations
 
 import hashlib
-import io
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
