@@ -1,6 +1,6 @@
 """Supernet training-step throughput and peak memory: classic formulation vs. the product default.
 
-One step = forward + cross-entropy + backward + the real optimizer step (`sdarts.optim.CombinedOptimizer`:
+One step = forward + cross-entropy + backward + the real optimizer step (`sdarts.engine.CombinedOptimizer`:
 SGD on w with grad clipping, Adam on alpha; no DeepSpeed needed). Cases (issue 8):
   nb201           NB201 supernet, C=16, 5 cells per stage, 32x32, batch 64, real CIFAR-10 batches
   darts_cifar     DARTS-space supernet, C=16, 8 cells, CIFAR stem, 32x32, batch 64, real CIFAR-10 batches
@@ -105,7 +105,7 @@ def make_step(case: str, variant: str, device: str, precision: str, threads: int
     (graphs recorded, compile wrapped) that `run_one` times and `step_profile.py` profiles."""
     import torch
     import torch.nn.functional as F
-    from sdarts.optim import CombinedOptimizer
+    from sdarts.engine import CombinedOptimizer
 
     if device == "cpu":
         torch.set_num_threads(threads)

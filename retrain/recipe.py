@@ -12,7 +12,7 @@ the formulas written here:
     drop-path:  p = drop_path * epoch / E
 
 `base` is `optim.w.lr` scaled linearly from `reference_batch` to the global batch. With W = 0 the
-cosine branch is DARTS' per-epoch cosine (`sdarts.optim.cosine_lr`). The linear branch is P-DARTS'
+cosine branch is DARTS' per-epoch cosine (`sdarts.engine.cosine_lr`). The linear branch is P-DARTS'
 linear decay without its special slope for the last 5 epochs (here the last epoch still trains at
 base / (E - W), a small positive lr, instead of P-DARTS' piecewise tail).
 """

@@ -1,58 +1,37 @@
-"""The search engine: our config as a DeepSpeed config, and the DeepSpeed engine a search step drives.
+"""The search's update: the DeepSpeed engine a search step drives, and the one optimizer inside it.
 
-The supernet (with alpha inside it) and the combined optimizer go to `deepspeed.initialize` together,
-so DeepSpeed averages alpha's gradients with the weights', keeps fp32 master copies of both under
-bf16/fp16 and saves both in one checkpoint. We do not give DeepSpeed an LR scheduler: learning rates
-are a pure function of the epoch (`set_epoch_lr`), which makes resume trivially exact.
+    engine.step(groups)  ->  with optimizer.updating(groups): ds_engine.step()  ->  CombinedOptimizer.step()
+
+`SearchEngine` hands the supernet (with alpha inside it) and the combined optimizer to
+`deepspeed.initialize` together, so DeepSpeed averages alpha's gradients with the weights', keeps fp32
+master copies of both under bf16/fp16 and saves both in one checkpoint. We do not give DeepSpeed an LR
+scheduler: learning rates are a pure function of the epoch (`set_epoch_lr`), which makes resume exact.
+
+Why one optimizer (`CombinedOptimizer`, groups tagged `w` (SGD) / `alpha` (Adam or SGD)): DeepSpeed
+owns exactly one optimizer. A separate torch Adam for alpha breaks under bf16/fp16 (alpha gets no fp32
+master copy: bf16 Adam at lr 3e-4 never moves it, fp16 gives NaN), its gradients are not averaged
+under ZeRO 1/2, and under ZeRO 0 `ds_engine.step()` clears them before a later Adam step. DeepSpeed
+calls `step()` with no arguments, so `engine.step(groups)` scopes the groups named at the call site to
+its one `ds_engine.step()` (`optimizer.updating(groups)`): single-level updates both from one backward;
+bi-level phases update only the group they own. Gradient clipping applies to the `w` group only
+(alpha's gradients are not clipped, as in DARTS); under ZeRO 1/2 each rank holds a partition of the
+gradients, so the norm is all-reduced.
 
 Names, everywhere: `engine` is a `SearchEngine`, `engine.ds_engine` the DeepSpeed engine inside it,
 `engine.optimizer` the `CombinedOptimizer`, `engine.module` the supernet. Checkpoints are
-`sdarts.checkpoint`'s business.
+`sdarts.checkpoint`'s business. `ds_config` and `check_precision` serve the retrain's engine too.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from sdarts.config import SearchConfig
-from sdarts.optim import CombinedOptimizer, cosine_lr
-
-
-def ds_config(micro_batch: int, accum: int, world: int, precision: str, autocast: bool, zero_stage: int
-              ) -> dict:
-    """The DeepSpeed config for our settings (gradient clipping is done by CombinedOptimizer)."""
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": micro_batch * accum * world,
-        "gradient_clipping": 0.0,
-        "zero_optimization": {"stage": zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if precision != "fp32":
-        dtype = "bfloat16" if precision == "bf16" else "float16"
-        if autocast:
-            cfg["torch_autocast"] = {"enabled": True, "dtype": dtype}
-        elif precision == "bf16":
-            cfg["bf16"] = {"enabled": True}
-        else:
-            cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
-    return cfg
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """Refuses a precision the device cannot run, with one clear line."""
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
-    if precision == "fp16" and device.type == "cpu":
-        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        if "avx512_fp16" not in flags and "amx_fp16" not in flags:
-            raise ValueError("precision fp16: this CPU has no fp16 arithmetic (avx512_fp16); use fp32 or bf16")
 
 
 class SearchEngine:
@@ -130,3 +109,159 @@ class SearchEngine:
 
     def skipped_steps(self) -> int:
         return int(getattr(self.ds_engine, "skipped_steps", 0))
+
+
+#: the parameter groups, by tag: network weights and architecture parameters
+ALL_GROUPS = frozenset({"w", "alpha"})
+
+
+class CombinedOptimizer(torch.optim.Optimizer):
+    def __init__(self, weights, alphas, *, w_lr: float, w_momentum: float, w_weight_decay: float,
+                 w_nesterov: bool, alpha_rule: str, alpha_lr: float, alpha_betas=(0.5, 0.999),
+                 alpha_eps: float = 1e-8, alpha_momentum: float = 0.9, alpha_weight_decay: float = 0.0,
+                 grad_clip: float = 0.0, partitioned: bool = False):
+        if alpha_rule not in ("adam", "sgd"):
+            raise ValueError(f"optim.alpha.optimizer must be adam or sgd, got {alpha_rule!r}")
+        groups = [
+            dict(params=list(weights), tag="w", rule="sgd", lr=w_lr, momentum=w_momentum,
+                 weight_decay=w_weight_decay, nesterov=w_nesterov, betas=(0.9, 0.999), eps=1e-8),
+            dict(params=list(alphas), tag="alpha", rule=alpha_rule, lr=alpha_lr, momentum=alpha_momentum,
+                 weight_decay=alpha_weight_decay, nesterov=False, betas=tuple(alpha_betas), eps=alpha_eps),
+        ]
+        super().__init__(groups, defaults=dict(lr=w_lr))
+        self.grad_clip = grad_clip
+        self.partitioned = partitioned  # ZeRO 1/2: each rank holds a partition of the gradients
+        self._groups: frozenset[str] = ALL_GROUPS
+        self.last_grad_norm: float | None = None
+
+    @contextlib.contextmanager
+    def updating(self, groups: frozenset[str]):
+        """Steps taken inside update only the parameter groups tagged in `groups`."""
+        unknown = set(groups) - ALL_GROUPS
+        if unknown:
+            raise ValueError(f"unknown parameter group(s) {sorted(unknown)}; expected w and/or alpha")
+        self._groups = frozenset(groups)
+        try:
+            yield
+        finally:
+            self._groups = ALL_GROUPS
+
+    def set_lr(self, tag: str, lr: float) -> None:
+        for g in self.param_groups:
+            if g["tag"] == tag:
+                g["lr"] = lr
+
+    def lr(self, tag: str) -> float:
+        return next(g["lr"] for g in self.param_groups if g["tag"] == tag)
+
+    def _clip_coef(self, group, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """Clip coefficient for the w group as a device tensor (no host sync on the step's hot path)."""
+        norms = torch._foreach_norm([g.float() for g in grads] if grads[0].dtype != torch.float32 else grads)
+        sq = torch.stack([n * n for n in norms]).sum() if len(norms) > 1 else norms[0] ** 2
+        if self.partitioned and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sq)
+        norm = sq.sqrt()
+        self.last_grad_norm = norm  # a tensor; read it only when logging
+        if self.grad_clip <= 0:
+            return None
+        coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        # a non-finite norm leaves the gradients as they are (fp16 overflow is handled by the loss scaler)
+        return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            if group["tag"] not in self._groups:
+                continue
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["tag"] == "w":
+                coef = self._clip_coef(group, grads)
+                if coef is not None:
+                    grads = torch._foreach_mul(grads, coef.to(grads[0].dtype))
+            if group["rule"] == "sgd":
+                self._sgd(group, params, grads)
+            else:
+                self._adam(group, params, grads)
+        return loss
+
+    def _sgd(self, group, params, grads):
+        """torch.optim.SGD's rule (coupled weight decay, dampening 0), with multi-tensor kernels."""
+        lr, mom, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
+        if wd:
+            grads = torch._foreach_add(grads, params, alpha=wd)
+        if mom:
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            if any(b is None for b in bufs):
+                for p, g in zip(params, grads):
+                    if "momentum_buffer" not in self.state[p]:
+                        self.state[p]["momentum_buffer"] = g.detach().clone()
+                    else:
+                        self.state[p]["momentum_buffer"].mul_(mom).add_(g)
+                bufs = [self.state[p]["momentum_buffer"] for p in params]
+            else:
+                torch._foreach_mul_(bufs, mom)
+                torch._foreach_add_(bufs, grads)
+            grads = torch._foreach_add(grads, bufs, alpha=mom) if nesterov else bufs
+        torch._foreach_add_(params, grads, alpha=-lr)
+
+    def _adam(self, group, params, grads):
+        """torch.optim.Adam's rule (L2 weight decay added to the gradient, as DARTS uses it)."""
+        lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        for p, g in zip(params, grads):
+            if wd:
+                g = g.add(p, alpha=wd)
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = torch.zeros((), dtype=torch.float32)
+                st["exp_avg"] = torch.zeros_like(p)
+                st["exp_avg_sq"] = torch.zeros_like(p)
+            st["step"] += 1
+            t = float(st["step"])  # a CPU tensor: no device sync
+            st["exp_avg"].mul_(b1).add_(g, alpha=1 - b1)
+            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (st["exp_avg_sq"].sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+            p.addcdiv_(st["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+
+
+def ds_config(micro_batch: int, accum: int, world: int, precision: str, autocast: bool, zero_stage: int
+              ) -> dict:
+    """The DeepSpeed config for our settings (gradient clipping is done by CombinedOptimizer)."""
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro_batch * accum * world,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if precision != "fp32":
+        dtype = "bfloat16" if precision == "bf16" else "float16"
+        if autocast:
+            cfg["torch_autocast"] = {"enabled": True, "dtype": dtype}
+        elif precision == "bf16":
+            cfg["bf16"] = {"enabled": True}
+        else:
+            cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                           "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return cfg
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuses a precision the device cannot run, with one clear line."""
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+    if precision == "fp16" and device.type == "cpu":
+        flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+        if "avx512_fp16" not in flags and "amx_fp16" not in flags:
+            raise ValueError("precision fp16: this CPU has no fp16 arithmetic (avx512_fp16); use fp32 or bf16")
+
+
+def cosine_lr(base: float, minimum: float, epoch: int, epochs: int) -> float:
+    """DARTS/NB201 per-epoch cosine annealing from `base` to `minimum` over `epochs`."""
+    return minimum + 0.5 * (base - minimum) * (1 + math.cos(math.pi * epoch / epochs))

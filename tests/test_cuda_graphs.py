@@ -69,7 +69,7 @@ def test_recorded_steps_follow_eager_steps(space, impl):
     net stay with the eager one; another batch size and eval mode run eagerly. (The NB201 cases passed
     on an H200; the DARTS cases are the check `engine.cuda_graphs: auto` needs before it covers DARTS.)"""
     from sdarts.graphs import install
-    from sdarts.optim import CombinedOptimizer
+    from sdarts.engine import CombinedOptimizer
     torch.backends.cudnn.deterministic = True
     eager, graphed = _pair(space, impl)
     alphas0 = [a.detach().clone() for a in eager.get_alphas()]

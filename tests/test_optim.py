@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sdarts.optim import CombinedOptimizer, cosine_lr
+from sdarts.engine import CombinedOptimizer, cosine_lr
 
 
 def _params(seed):
