@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Union
@@ -47,7 +49,7 @@ class NB201Genotype:
             raise GenotypeError(f"NB201 genotype needs {len(NB201_EDGES)} edges, got {len(self.ops)}")
         for op in self.ops:
             if op not in NB201_OPS:
-                raise GenotypeError(f"unknown NB201 op {op!r}; expected one of {', '.join(NB201_OPS)}")
+                raise GenotypeError(f"unknown NB201 op {_short(op)}; expected one of {', '.join(NB201_OPS)}")
 
     def to_arch_str(self) -> str:
         nodes, k = [], 0
@@ -61,16 +63,16 @@ class NB201Genotype:
         s = s.strip()
         nodes = s.split("+")
         if len(nodes) != 3:
-            raise GenotypeError(f"NB201 arch string needs 3 nodes separated by '+', got {len(nodes)}: {s!r}")
+            raise GenotypeError(f"NB201 arch string needs 3 nodes separated by '+', got {len(nodes)}: {_short(s)}")
         ops = []
         for i, node in enumerate(nodes, start=1):
             parts = [p for p in node.strip().strip("|").split("|") if p]
             if len(parts) != i:
-                raise GenotypeError(f"NB201 node {i} needs {i} inputs, got {len(parts)} in {node!r}")
+                raise GenotypeError(f"NB201 node {i} needs {i} inputs, got {len(parts)} in {_short(node)}")
             for j, part in enumerate(parts):
                 op, _, src = part.partition("~")
                 if src != str(j):
-                    raise GenotypeError(f"NB201 node {i}: expected input ~{j}, got {part!r}")
+                    raise GenotypeError(f"NB201 node {i}: expected input ~{j}, got {_short(part)}")
                 ops.append(op)
         return cls(tuple(ops))
 
@@ -100,15 +102,15 @@ class DartsGenotype:
                                     f"got {len(pairs)}")
             for k, (op, src) in enumerate(pairs):
                 if op not in DARTS_OPS:
-                    raise GenotypeError(f"DARTS genotype {cell}[{k}]: unknown op {op!r}; expected one of "
+                    raise GenotypeError(f"DARTS genotype {cell}[{k}]: unknown op {_short(op)}; expected one of "
                                         f"{', '.join(DARTS_OPS)}")
                 node = k // 2 + 2
                 if not isinstance(src, int) or isinstance(src, bool) or not 0 <= src < node:
-                    raise GenotypeError(f"DARTS genotype {cell}[{k}]: input {src!r} is not an earlier node "
+                    raise GenotypeError(f"DARTS genotype {cell}[{k}]: input {_short(src)} is not an earlier node "
                                         f"of node {node} (0..{node - 1})")
             concat = getattr(self, f"{cell}_concat")
             if not concat or any(not isinstance(c, int) or not 0 <= c < 2 + DARTS_STEPS for c in concat):
-                raise GenotypeError(f"DARTS genotype {cell}_concat: bad node list {list(concat)!r}")
+                raise GenotypeError(f"DARTS genotype {cell}_concat: bad node list {_short(list(concat))}")
 
     def to_json(self) -> dict:
         return {"space": "darts",
@@ -129,27 +131,41 @@ class DartsGenotype:
 Genotype = Union[NB201Genotype, DartsGenotype]
 
 
+def _short(value) -> str:
+    """repr of a value for an error line, cut to 60 characters (a file can hold anything)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _pairs(value, where: str) -> tuple[Pair, ...]:
     if not isinstance(value, (list, tuple)):
-        raise GenotypeError(f"{where}: expected a list of (op, input) pairs")
+        raise GenotypeError(f"{where}: expected a list of (op, input) pairs, got {type(value).__name__}")
     out = []
     for k, p in enumerate(value):
         if not isinstance(p, (list, tuple)) or len(p) != 2 or not isinstance(p[0], str):
-            raise GenotypeError(f"{where}[{k}]: expected [op, input], got {p!r}")
+            raise GenotypeError(f"{where}[{k}]: expected [op, input], got {_short(p)}")
         out.append((p[0], p[1]))
     return tuple(out)
+
+
+def _concat(value, where: str) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or any(type(c) is not int for c in value):
+        raise GenotypeError(f"{where}: expected a list of node numbers, got {_short(value)}")
+    return tuple(value)
 
 
 def from_json(obj: dict) -> Genotype:
     """Genotype from its JSON object (`to_json`: `space` plus the fields of that space's genotype)."""
     if not isinstance(obj, dict):
-        raise GenotypeError("genotype JSON must be an object")
+        raise GenotypeError(f"genotype JSON must be an object with a 'space' key, got {_json_kind(obj)}")
     space = obj.get("space")
     if space == "nb201":
         extra = set(obj) - {"space", "arch"}
         if extra or "arch" not in obj:
             raise GenotypeError(f"NB201 genotype JSON takes keys space, arch; got {sorted(obj)}")
-        return NB201Genotype.from_arch_str(str(obj["arch"]))
+        if not isinstance(obj["arch"], str):
+            raise GenotypeError(f"NB201 genotype JSON: 'arch' must be an arch string, got {_short(obj['arch'])}")
+        return NB201Genotype.from_arch_str(obj["arch"])
     if space == "darts":
         keys = {"space", "normal", "normal_concat", "reduce", "reduce_concat"}
         if set(obj) - keys:
@@ -157,9 +173,15 @@ def from_json(obj: dict) -> Genotype:
         missing = keys - set(obj)
         if missing:
             raise GenotypeError(f"DARTS genotype JSON: missing key {sorted(missing)[0]!r}")
-        return DartsGenotype(_pairs(obj["normal"], "normal"), tuple(obj["normal_concat"]),
-                             _pairs(obj["reduce"], "reduce"), tuple(obj["reduce_concat"]))
-    raise GenotypeError(f"genotype JSON: 'space' must be 'nb201' or 'darts', got {space!r}")
+        return DartsGenotype(_pairs(obj["normal"], "normal"), _concat(obj["normal_concat"], "normal_concat"),
+                             _pairs(obj["reduce"], "reduce"), _concat(obj["reduce_concat"], "reduce_concat"))
+    raise GenotypeError(f"genotype JSON: 'space' must be 'nb201' or 'darts', got {_short(space)}")
+
+
+def _json_kind(obj) -> str:
+    names = {list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number",
+             type(None): "null"}
+    return names.get(type(obj), type(obj).__name__)
 
 
 def _literal(node: ast.AST, where: str):
@@ -172,7 +194,7 @@ def _literal(node: ast.AST, where: str):
         raise GenotypeError(f"genotype string: {where} contains a call other than range(a, b); refused")
     try:
         return ast.literal_eval(node)
-    except ValueError:
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
         raise GenotypeError(f"genotype string: {where} is not a literal; refused") from None
 
 
@@ -182,6 +204,8 @@ def parse_darts_string(text: str) -> DartsGenotype:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as e:
         raise GenotypeError(f"genotype string does not parse: {e.msg}") from None
+    except (ValueError, RecursionError, MemoryError):  # NUL bytes; nesting beyond the parser's stack
+        raise GenotypeError("genotype string does not parse (NUL bytes or nested too deeply)") from None
     call = tree.body
     if not (isinstance(call, ast.Call) and isinstance(call.func, (ast.Name, ast.Attribute))
             and (getattr(call.func, "id", None) or getattr(call.func, "attr", None)) == "Genotype"
@@ -191,7 +215,7 @@ def parse_darts_string(text: str) -> DartsGenotype:
     kw = {}
     for k in call.keywords:
         if k.arg not in ("normal", "normal_concat", "reduce", "reduce_concat"):
-            raise GenotypeError(f"genotype string: unknown field {k.arg!r}")
+            raise GenotypeError(f"genotype string: unknown field {_short(k.arg)}")
         kw[k.arg] = _literal(k.value, k.arg)
     return from_json({"space": "darts", **kw})
 
@@ -199,11 +223,18 @@ def parse_darts_string(text: str) -> DartsGenotype:
 def parse(text: str) -> Genotype:
     """Any accepted genotype text: JSON object, NB201 arch string, or DARTS `Genotype(...)` string."""
     t = text.strip()
-    if t.startswith("{"):
+    if not t:
+        raise GenotypeError("empty: no genotype text")
+    if t[0] in "{[\"-0123456789" or t in ("true", "false", "null"):  # JSON; only an object is a genotype
         try:
-            return from_json(json.loads(t))
+            obj = json.loads(t)
         except json.JSONDecodeError as e:
             raise GenotypeError(f"genotype JSON does not parse: {e.msg} at line {e.lineno}") from None
+        except RecursionError:
+            raise GenotypeError("genotype JSON does not parse: nested too deeply") from None
+        except ValueError as e:  # a number past int's digit limit
+            raise GenotypeError(f"genotype JSON does not parse: {str(e).split(':')[0][:80]}") from None
+        return from_json(obj)
     if t.startswith("|"):
         return NB201Genotype.from_arch_str(t)
     return parse_darts_string(t)
@@ -213,17 +244,58 @@ def parse(text: str) -> Genotype:
 LITERATURE: dict[str, Genotype] = {name: parse(text) for name, text in _LITERATURE_TEXT.items()}
 
 
-def load(path: str | Path) -> Genotype:
-    """Genotype from a file (any accepted text) or from a literature name (`LITERATURE`, `sdarts.zoo`)."""
-    p = Path(path)
-    if not p.exists():
-        if str(path) in LITERATURE:
-            return LITERATURE[str(path)]
-        raise GenotypeError(f"genotype file not found: {path}")
+#: the most a genotype file may hold; a genotype is under 1 KB, so anything bigger is the wrong file
+MAX_FILE_BYTES = 1 << 20
+
+
+def _read_text(path: str | Path) -> str:
+    """The text of a genotype file, read at most MAX_FILE_BYTES; each way it can fail is one
+    GenotypeError naming the file (no FIFO or device is opened: those could block or never end)."""
     try:
-        return parse(p.read_text())
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise GenotypeError(f"genotype file not found: {path} (nor a literature name: "
+                            f"{', '.join(LITERATURE)})") from None
+    except OSError as e:
+        raise GenotypeError(f"{path}: cannot read the genotype file ({e.strerror or type(e).__name__})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise GenotypeError(f"{path}: is a directory, not a genotype file")
+    if not stat.S_ISREG(st.st_mode):
+        raise GenotypeError(f"{path}: not a regular file (a genotype file is a JSON or text file)")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise GenotypeError(f"{path}: cannot read the genotype file ({e.strerror or type(e).__name__})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise GenotypeError(f"{path}: larger than {MAX_FILE_BYTES} bytes (1 MiB), not a genotype file; "
+                            f"refused unread")
+    if not data.strip():
+        raise GenotypeError(f"{path}: empty file, no genotype in it")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise GenotypeError(f"{path}: binary, not a genotype file (byte 0x{data[e.start]:02x} at offset "
+                            f"{e.start} is not UTF-8 text)") from None
+    if "\x00" in text:
+        raise GenotypeError(f"{path}: binary, not a genotype file (NUL byte at offset {text.index(chr(0))})")
+    return text
+
+
+def load(path: str | Path) -> Genotype:
+    """Genotype from a file (any accepted text) or from a literature name (`LITERATURE`, `sdarts.zoo`).
+
+    A bad file (missing, a directory, unreadable, binary, empty, over 1 MiB, or text that is not a
+    genotype) raises one GenotypeError line that names the file and what is wrong with it."""
+    if str(path) in LITERATURE and not os.path.lexists(path):
+        return LITERATURE[str(path)]
+    text = _read_text(path)
+    try:
+        return parse(text)
     except GenotypeError as e:
         raise GenotypeError(f"{path}: {e}") from None
+    except (ValueError, TypeError, RecursionError) as e:  # a parser path not covered above: still one line
+        raise GenotypeError(f"{path}: not a genotype ({type(e).__name__})") from None
 
 
 def save(genotype: Genotype, path: str | Path) -> None:
