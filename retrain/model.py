@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdarts.errors import ConfigError
 from sdarts.genotype import NB201_EDGES, DartsGenotype, NB201Genotype
 from sdarts.spaces.darts import imagenet_stem
 from sdarts.spaces.nb201 import build_tiny_network
@@ -241,8 +242,13 @@ class NB201Network(nn.Module):
 def build_network(genotype, dataset: str, C: int, layers: int, num_classes: int, auxiliary: bool = False,
                   drop_path_prob: float = 0.0) -> nn.Module:
     """The network for a genotype and dataset: NB201 genotypes give NB201Network (N = `layers` cells
-    per stage), DARTS genotypes give NetworkImageNet for 'imagenet' and NetworkCIFAR otherwise."""
+    per stage; the benchmark's is C=16, N=5, `configs/retrain/nb201_cifar10.yaml`; it has no auxiliary
+    head, so `auxiliary` is moot), DARTS genotypes give NetworkImageNet for 'imagenet' and NetworkCIFAR
+    otherwise. An NB201 cell on ImageNet is refused: its network is the benchmark's 32x32 CIFAR one."""
     if isinstance(genotype, NB201Genotype):
+        if dataset != "cifar10":
+            raise ConfigError(f"dataset {dataset}: an NB201 cell builds NAS-Bench-201's 32x32 CIFAR network; "
+                              f"retrain it on cifar10 (configs/retrain/nb201_cifar10.yaml)")
         return NB201Network(C, layers, genotype, num_classes)
     if dataset == "imagenet":
         return NetworkImageNet(C, num_classes, layers, auxiliary, genotype, drop_path_prob)

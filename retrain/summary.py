@@ -31,7 +31,7 @@ DATASETS: dict[str, tuple[int, int, int, int]] = {
     "imagenet": (224, 1000, 14, 48),   # mobile setting (DARTS, P-DARTS, PC-DARTS)
     "cifar10": (32, 10, 20, 36),       # DARTS CIFAR-10 evaluation network
 }
-NB201_DEFAULTS = (16, 5)  # C, cells per stage (the benchmark's network)
+NB201_DEFAULTS = (16, 5)  # C, cells per stage (the benchmark's network; configs/retrain/nb201_cifar10.yaml)
 
 
 def count_params(model: nn.Module) -> int:

@@ -17,7 +17,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--genotype", required=True, help="genotype JSON file or a literature name (e.g. darts_v2)")
     p.add_argument("--dataset", choices=("imagenet", "cifar10"), default="imagenet",
                    help="imagenet: 224x224, 1000 classes (default 14 layers, 48 channels); "
-                        "cifar10: 32x32, 10 classes (default 20 layers, 36 channels)")
+                        "cifar10: 32x32, 10 classes (default 20 layers, 36 channels; an NB201 cell: "
+                        "C 16, 5 cells per stage, the network of configs/retrain/nb201_cifar10.yaml)")
     p.add_argument("--layers", type=int, default=None, help="number of cells (NB201: cells per stage)")
     p.add_argument("--channels", type=int, default=None, help="initial channels C")
     p.add_argument("--fit-flops", default=None, metavar="BUDGET",
