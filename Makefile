@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# Pin torch first: an unpinned torch would download several GB of CUDA wheels.
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e ".[dali,dev]"
+	$(BIN)/pip install -q -e ".[dali,dev,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -14,6 +14,10 @@ Two sources:
   containers is refused;
 - a genotype alone (random initialisation from a seed), for sharing an architecture before training.
 
+With `formats` containing "onnx", `write` also (or only) writes `DIR/model.onnx`: the same network
+with the same weights, exported with torch's dynamo ONNX exporter and checked with onnxruntime against
+the eager model on real images before the folder appears (`retrain/onnx_export.py`).
+
 The state dict is cleaned (no auxiliary head: a training-time part; no `module.`/`_orig_mod.` prefixes;
 fp32) and strictly loaded into the timm model before anything is written, so an export that is written
 always loads. The folder appears whole or not at all (built beside it, then renamed).
@@ -37,10 +41,11 @@ from sdarts.errors import CheckpointError, ConfigError, ExportError, GenotypeErr
 from sdarts.genotype import DartsGenotype, Genotype, NB201Genotype
 from sdarts.genotype import load as load_genotype
 
+from retrain import onnx_export
 from retrain import timm as sdarts_timm
 from retrain.timm import WEIGHTS_FILE
 
-__all__ = ["CONFIG_FILE", "Export", "ExportError", "from_genotype", "from_run_dir", "load", "model_spec", "write"]
+__all__ = ["CONFIG_FILE", "FORMATS", "Export", "ExportError", "from_genotype", "from_run_dir", "load", "model_spec", "write"]
 
 CONFIG_FILE = "config.json"
 DS_MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -48,6 +53,8 @@ DS_MODEL_FILE = "mp_rank_00_model_states.pt"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _TRAINING_ONLY_PREFIXES = ("auxiliary_head.",)
 _DATASETS = ("imagenet", "cifar10")
+#: what `write` can write: the timm folder and/or `model.onnx`
+FORMATS = ("timm", "onnx")
 
 
 @dataclass
@@ -266,16 +273,27 @@ def _json_text(obj: dict) -> str:
     return text + "\n"
 
 
-def write(export: Export, out_dir: str | Path, force: bool = False) -> Path:
-    """Writes `out_dir/config.json` + `out_dir/model.safetensors`, all or nothing.
+def write(export: Export, out_dir: str | Path, force: bool = False, formats: tuple[str, ...] = ("timm",),
+          check_images: str | Path | None = None) -> Path:
+    """Writes the export's `formats`, all or nothing: "timm" is `out_dir/config.json` +
+    `out_dir/model.safetensors`, "onnx" is `out_dir/model.onnx`, checked with onnxruntime against the
+    eager model on real images (`retrain.onnx_export`; `check_images` a folder, default scikit-learn's
+    sample photos) and the check recorded in `export.provenance["onnx"]`.
 
     An existing non-empty `out_dir` is refused unless `force` (then it is replaced as a whole)."""
     from safetensors.torch import save_file
     out = Path(out_dir)
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise ExportError(f"export format must be one of {', '.join(FORMATS)}, got {bad[0] if bad else 'none'!r}")
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"output directory {out} is not empty; pass --force to replace it")
+    if "onnx" in formats:
+        onnx_export.require()  # before any work: a missing extra is one line, and nothing is written
+    elif check_images is not None:
+        raise ExportError("--check-images applies to --format onnx|both only")
     model = _verified_model(export)
     # the last map's size at the input size (stride-2 convs round up)
     reduction = model.feature_info[-1]["reduction"]
@@ -292,10 +310,15 @@ def write(export: Export, out_dir: str | Path, force: bool = False) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        (tmp / CONFIG_FILE).write_text(_json_text(config))
-        save_file(export.state_dict, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", "architecture": export.architecture,
-                            "genotype": json.dumps(export.model_args["genotype"])})
+        if "onnx" in formats:
+            meta = {k: config[k] for k in ("architecture", "num_classes", "model_args", "pretrained_cfg", "sdarts")}
+            export.provenance["onnx"] = onnx_export.write_onnx(
+                model, tmp / onnx_export.ONNX_FILE, export.architecture, export.pretrained_cfg, meta, check_images)
+        if "timm" in formats:
+            (tmp / CONFIG_FILE).write_text(_json_text(config))
+            save_file(export.state_dict, str(tmp / WEIGHTS_FILE),
+                      metadata={"format": "pt", "architecture": export.architecture,
+                                "genotype": json.dumps(export.model_args["genotype"])})
         if out.is_dir() and any(out.iterdir()):
             old = out.with_name(f".{out.name}.old")
             shutil.rmtree(old, ignore_errors=True)

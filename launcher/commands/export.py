@@ -1,9 +1,12 @@
-"""`sdarts export --run-dir D --out DIR` | `sdarts export --genotype G --out DIR`: a timm model folder.
+"""`sdarts export --run-dir D --out DIR` | `sdarts export --genotype G --out DIR`: a timm model folder
+and/or an ONNX file (`--format timm|onnx|both`, default timm).
 
-DIR gets `config.json` + `model.safetensors`; `import retrain.timm` then
-`timm.create_model("local-dir:DIR", pretrained=True)` rebuilds the network with its weights. Prints one
-JSON line (folder, architecture, weights source, parameter count). Argument parsing only: the work is in
-`retrain.export`.
+timm: DIR gets `config.json` + `model.safetensors`; `import retrain.timm` then
+`timm.create_model("local-dir:DIR", pretrained=True)` rebuilds the network with its weights.
+onnx: DIR gets `model.onnx` (opset 18, dynamic batch), checked with onnxruntime against the eager model
+on real images (`--check-images DIR`, default scikit-learn's sample photos) before anything is written.
+Prints one JSON line (folder, architecture, weights source, parameter count, the ONNX check). Argument
+parsing only: the work is in `retrain.export` and `retrain.onnx_export`.
 """
 from __future__ import annotations
 
@@ -24,6 +27,12 @@ def add_parser(subparsers) -> None:
     src.add_argument("--genotype", help="genotype JSON file or literature name (e.g. darts_v2): random init")
     p.add_argument("--out", required=True, help="output folder (created; must be empty unless --force)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--format", choices=("timm", "onnx", "both"), default="timm",
+                   help="timm: config.json + model.safetensors (default); onnx: model.onnx, checked with "
+                        "onnxruntime (needs pip install 'sdarts[onnx]'); both: all three files")
+    p.add_argument("--check-images", default=None, metavar="DIR",
+                   help="with --format onnx|both: real images (the first 8 .jpg/.png files) to check the ONNX "
+                        "file on; default scikit-learn's two sample photos")
     run = p.add_argument_group("with --run-dir")
     run.add_argument("--checkpoint", default=None,
                      help="'last' (default: the tag checkpoints/latest names), 'best' (checkpoints/best.pt) or a tag")
@@ -57,9 +66,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ExportError(f"--{key.replace('_', '-')} must be a positive count, got {value}")
         export = from_genotype(args.genotype, dataset=args.dataset or "imagenet", C=args.channels,
                                layers=args.layers, num_classes=args.num_classes, seed=args.seed or 0)
-    out = write(export, args.out, force=args.force)
+    formats = ("timm", "onnx") if args.format == "both" else (args.format,)
+    out = write(export, args.out, force=args.force, formats=formats, check_images=args.check_images)
     params = sum(v.numel() for k, v in export.state_dict.items()
                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked")))
-    print(json.dumps({"out": str(out), "architecture": export.architecture, "params": params,
-                      **export.provenance}))
+    print(json.dumps({"out": str(out), "formats": list(formats), "architecture": export.architecture,
+                      "params": params, **export.provenance}))
     return 0
