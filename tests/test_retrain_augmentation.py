@@ -20,7 +20,6 @@ Verified by mutating `sdarts/data/loader.py` in a copy of the tree (each failed 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from scipy import stats
 from torchvision.transforms import functional as TF
