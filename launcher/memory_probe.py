@@ -30,8 +30,6 @@ import torch.nn.functional as F  # noqa: E402
 from launcher.job import Job, load as load_job  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: genotype used for retrain jobs when none is given (memory depends on the cell)
-DEFAULT_GENOTYPE = "darts_v2"
 
 
 def _overrides(micro_batch: int, precision: str) -> list[str]:
@@ -43,10 +41,14 @@ def build_network(job: Job, genotype: str | None = None) -> torch.nn.Module:
     if job.kind == "search":
         from sdarts.spaces.build import build_supernet
         return build_supernet(job.cfg).train()
+    from retrain.config import DEFAULT_GENOTYPE as DEFAULTS
     from retrain.model import build_network as build
     from sdarts import genotype as G
     c = job.cfg
-    return build(G.load(genotype or DEFAULT_GENOTYPE), c.data.dataset, c.model.C, c.model.layers, c.num_classes,
+    name = genotype or DEFAULTS[c.model.space]  # memory depends on the cell
+    g = G.load(name)
+    c.check_genotype(g, job.path, name)  # the recipe's space, as launcher/retrain.py would refuse it
+    return build(g, c.data.dataset, c.model.C, c.model.layers, c.num_classes,
                  auxiliary=c.model.auxiliary, drop_path_prob=c.model.drop_path).train()
 
 
@@ -132,16 +134,15 @@ def _retrain_stepper(job: Job, world: int, device, genotype: str | None):
     model = build_network(job, genotype)
     w = cfg.optim.w
     opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=w.momentum, weight_decay=w.weight_decay)
-    conf = ds_config(cfg.data.micro_batch, 1, world, cfg.precision, cfg.engine.autocast, cfg.engine.zero_stage,
-                     device.type == "cuda")
+    conf = ds_config(cfg.data.micro_batch, 1, world, cfg.precision, cfg.engine.autocast, cfg.engine.zero_stage)
     conf["gradient_clipping"] = w.grad_clip
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=conf)
 
     def step():
         x, y = _input(job, cfg.data.micro_batch, device)
-        loss = _loss(job, engine(x), y)
-        engine.backward(loss)
-        engine.step()
+        loss = _loss(job, ds_engine(x), y)
+        ds_engine.backward(loss)
+        ds_engine.step()
     return step
 
 
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, required=True)
     p.add_argument("--precision", required=True, choices=sorted(DTYPES))
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--genotype", default=None, help=f"retrain jobs: genotype (default {DEFAULT_GENOTYPE})")
+    p.add_argument("--genotype", default=None, help="retrain jobs: genotype (default by model.space: darts_v2, or nb201_single_darts)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -64,6 +64,14 @@ def choose_batch(max_fit: int, world: int, reference: int, keep_global_batch: bo
     return micro, 1, micro * world
 
 
+def _check_genotype(job, genotype: str) -> None:
+    """A retrain job's `-- --genotype G` of another space than the recipe: refused now, as the retrain
+    would refuse it (a genotype file that does not exist yet, e.g. a search still running, is not read)."""
+    from sdarts import genotype as G
+    if Path(genotype).is_file() or genotype in G.LITERATURE:
+        job.cfg.check_genotype(G.load(genotype), job.path, genotype)
+
+
 def make_plan(job, hostfile, profile, table, *, keep_global_batch: bool = False, margin: float = DEFAULT_MARGIN,
               multiple_of: int = DEFAULT_MULTIPLE, precision: str | None = None, calibration_path=None,
               genotype: str | None = None) -> dict:
@@ -72,6 +80,8 @@ def make_plan(job, hostfile, profile, table, *, keep_global_batch: bool = False,
     from launcher import memory as M
     if not 0 <= margin < 1:
         raise PlanError(f"--margin must be in [0, 1), got {margin}")
+    if job.kind == "retrain" and genotype:
+        _check_genotype(job, genotype)
     prec = profile.pick_precision(precision or job.cfg.precision)
     model, entry, key = M.lookup(table, job, profile.kind, prec, calibration_path or M.CALIBRATION,
                                  profile=profile.name if profile.kind == "gpu" else None)
@@ -163,6 +173,8 @@ def run_probe(args) -> int:
     from launcher import gpus, memory as M
     from launcher.job import load as load_job
     job = load_job(args.job, args.overrides)
+    if job.kind == "retrain" and args.genotype:
+        _check_genotype(job, args.genotype)  # before any probe process starts
     on_gpu = torch.cuda.is_available() and job.cfg.engine.device != "cpu"
     kind = "gpu" if on_gpu else "cpu"
     if args.precision:
@@ -197,7 +209,10 @@ def run_probe(args) -> int:
             log(f"derived gpu {p}: {e.per_sample_bytes / M.MIB:.1f} MiB/sample (overhead x{info['overhead']:.3f})")
     table = M.load_table() if M.CALIBRATION.exists() else None
     ref = (M.reference_global_batch(table, job) if table else None) or job.reference_batch()
-    geno = (args.genotype or "darts_v2") if job.kind == "retrain" else None
+    geno = None
+    if job.kind == "retrain":
+        from retrain.config import DEFAULT_GENOTYPE
+        geno = args.genotype or DEFAULT_GENOTYPE[job.cfg.model.space]
     print(f"# paste under `jobs:` in configs/calibration.yaml (merge with an existing {job.name} entry)")
     print(M.snippet(job, entries, geno, ref, profile_entries), end="")
     summary = {"job": job.name, "device": where, "precision": prec, "fixed_mib": round(model.fixed_bytes / M.MIB, 1),
@@ -229,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-batches", default=None, help="comma-separated micro-batches for --probe")
     p.add_argument("--probe-steps", type=int, default=3)
     p.add_argument("--derive-gpu", action="store_true", help="with --probe on a CPU: also derive GPU entries")
-    p.add_argument("--genotype", default=None, help="retrain jobs: genotype for --probe (default darts_v2)")
+    p.add_argument("--genotype", default=None, help="retrain jobs: genotype for --probe (default by the job's "
+                                                     "model.space: darts_v2, or nb201_single_darts)")
     p.add_argument("extra", nargs="*", help="after `--`: more arguments for the training script "
                                             "(e.g. -- --genotype g.json --run-dir runs/x)")
     args = p.parse_args(argv)

@@ -15,12 +15,16 @@ from pydantic import Field, model_validator
 from sdarts.config import CheckpointConfig, EngineConfig, LogConfig, _Strict, build, read_yaml
 from sdarts.errors import ConfigError
 
-__all__ = ["RetrainConfig", "load"]
+__all__ = ["DEFAULT_GENOTYPE", "RECIPES", "RetrainConfig", "check_genotype", "load"]
 
 NUM_CLASSES = {"cifar10": 10, "imagenet": 1000}
 
 
 class RetrainModel(_Strict):
+    #: the search space whose cells this recipe retrains: 'darts' (NetworkCIFAR / NetworkImageNet) or
+    #: 'nb201' (NAS-Bench-201's network; CIFAR-10 only, no auxiliary head, no drop-path). A genotype of
+    #: the other space is refused (`check_genotype`), never reinterpreted.
+    space: Literal["darts", "nb201"] = "darts"
     #: initial channels (DARTS CIFAR 36, ImageNet mobile setting 48; NB201 16)
     C: int = Field(default=36, gt=0)
     #: DARTS: number of cells (CIFAR 20 in DARTS, 14 in the paper; ImageNet 14). NB201: cells per stage.
@@ -78,6 +82,12 @@ class RetrainData(_Strict):
     fraction: float = Field(default=1.0, gt=0, le=1)
     #: cap on images per split (train and test), class-balanced; 0 = no cap (short runs and tests)
     max_per_split: int = Field(default=0, ge=0)
+    #: images per class removed from the training split and used to select the checkpoint (best.pt);
+    #: null = a tenth of the smallest class, at most 500 (CIFAR-10: 5k) or 10 (ImageNet: 10k);
+    #: 0 = no holdout: the test/val set then selects, with a warning (the DARTS reference code's flaw)
+    holdout: Optional[int] = Field(default=None, ge=0)
+    #: evaluate the test/val set every epoch (reported, never selects); false = once, after the last epoch
+    eval_each_epoch: bool = True
     #: CIFAR Cutout square side (DARTS: 16); 0 = off
     cutout: int = Field(default=0, ge=0)
     #: ImageNet training crop (eval: resize to resolution * 256/224, centre crop)
@@ -128,7 +138,54 @@ class RetrainConfig(_Strict):
         w = self.optim.w
         return w.lr if w.reference_batch is None else w.lr * self.global_batch(world) / w.reference_batch
 
+    def check_genotype(self, genotype, config_path: str | Path | None = None, genotype_name: str | None = None
+                       ) -> None:
+        """Refuses a genotype this recipe is not for (`retrain.config.check_genotype`)."""
+        check_genotype(self, genotype, config_path, genotype_name)
+
 
 def load(path: str | Path, overrides: list[str] | None = None) -> RetrainConfig:
     """Loads a retrain config from YAML with `--set` overrides applied."""
     return build(RetrainConfig, read_yaml(path), overrides, source=str(path))
+
+
+#: the shipped recipe for each (space, dataset): what a refusal tells the user to use instead
+RECIPES = {("darts", "cifar10"): "configs/retrain/cifar10.yaml",
+           ("darts", "imagenet"): "configs/retrain/imagenet.yaml",
+           ("nb201", "cifar10"): "configs/retrain/nb201_cifar10.yaml"}
+#: the cell a tool builds a recipe's network with when it is given none (memory probes)
+DEFAULT_GENOTYPE = {"darts": "darts_v2", "nb201": "nb201_single_darts"}
+_A_CELL = {"darts": "a DARTS cell", "nb201": "an NB201 cell"}
+_A_RECIPE = {"darts": "a DARTS-space recipe", "nb201": "an NB201 recipe"}
+
+
+def _recipe_for(space: str, dataset: str) -> str:
+    if (space, dataset) in RECIPES:
+        return RECIPES[(space, dataset)]
+    return f"{RECIPES[(space, 'cifar10')]} ({space} cells retrain on cifar10 only)"
+
+
+def check_genotype(cfg: RetrainConfig, genotype, config_path: str | Path | None = None,
+                   genotype_name: str | None = None) -> None:
+    """Refuses, with one `ConfigError` line naming the recipe to use, a genotype of another space than
+    the recipe's `model.space` (an NB201 cell in a DARTS recipe would silently become a 14M-parameter
+    NB201Network with C=36, N=14), and an NB201 recipe asking for what NB201's network has not."""
+    source = str(config_path) if config_path else "this retrain config"
+    space, m = cfg.model.space, cfg.model
+    if genotype.space != space:
+        # unnamed: an NB201 cell prints as its short arch string; a DARTS cell's string is long
+        name = genotype_name or (str(genotype) if genotype.space == "nb201" else None)
+        what = f"genotype {name}" if name else "this genotype"
+        raise ConfigError(f"{what} is {_A_CELL[genotype.space]}; {source} is {_A_RECIPE[space]} "
+                          f"(model.space {space}): use {_recipe_for(genotype.space, cfg.data.dataset)}")
+    if space != "nb201":
+        return
+    if cfg.data.dataset != "cifar10":
+        raise ConfigError(f"{source}: data.dataset {cfg.data.dataset}: model.space nb201 builds NAS-Bench-201's "
+                          f"32x32 CIFAR network; use {RECIPES[('nb201', 'cifar10')]}")
+    if m.auxiliary:
+        raise ConfigError(f"{source}: model.auxiliary true: NAS-Bench-201's network has no auxiliary head "
+                          f"(model.space nb201); set it false")
+    if m.drop_path > 0:
+        raise ConfigError(f"{source}: model.drop_path {m.drop_path}: NAS-Bench-201's network has no drop-path "
+                          f"(model.space nb201); set it 0")
