@@ -27,16 +27,29 @@ def main(argv: list[str] | None = None) -> int:
         from sdarts.genotype import load as load_genotype
         cfg = load(args.config, args.overrides)
         genotype = load_genotype(args.genotype)
+        cfg.check_genotype(genotype, args.config, args.genotype)  # another space's cell: refused, naming the recipe
         setup_logging(all_ranks=cfg.log.all_ranks)
         from retrain.train import run_retrain
         run_dir = args.run_dir or os.path.join("runs", f"retrain-{Path(args.config).stem}")
         result = run_retrain(cfg, genotype, run_dir, resume=args.resume, force=args.force)
         if int(os.environ.get("RANK", "0")) == 0:
-            best = result.summary["best"]
-            state = "finished" if result.finished else f"stopped at step {result.summary['steps']} (max_steps)"
-            print(f"{state}: best top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']})")
+            print(outcome(result))
             print(f"run directory: {run_dir}")
     return 0
+
+
+def outcome(result) -> str:
+    """The result in one line: the last epoch on the eval split (what to report), then the checkpoint
+    selected on the holdout with its eval-split accuracy."""
+    s = result.summary
+    if not result.finished:
+        return f"stopped at step {s['steps']} (max_steps); continue with --resume"
+    final, sel = s["final"], s["selected"]
+    line = f"finished: final top-1 {final['top1']:.2f} top-5 {final['top5']:.2f} (epoch {final['epoch']}, eval split)"
+    if sel["epoch"]:
+        on = f"holdout top-1 {sel['holdout']['top1']:.2f}, " if sel["on"] == "holdout" else ""
+        line += f"; selected epoch {sel['epoch']} on the {sel['on']} ({on}eval top-1 {sel['eval']['top1']:.2f})"
+    return line
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from sdarts.checkpoint import save_weights
+from sdarts.distributed import barrier
 from sdarts.run import Run
 
 from retrain.config import RetrainConfig
@@ -49,42 +50,99 @@ def evaluate(model: torch.nn.Module, loader, cfg: RetrainConfig, device: torch.d
 
 
 class EpochEvaluation:
-    """Evaluates at each epoch end, logs it, and keeps the best epoch (judged on the EMA when on)."""
+    """Evaluates at each epoch end, logs it, and selects a checkpoint on the holdout, never on the eval
+    split (the test set): `selected` is the epoch whose holdout top-1 (of the EMA weights when on) is the
+    highest, its weights `checkpoints/best.pt`. Without a holdout (`data.holdout: 0`) it selects on the
+    eval split, as the DARTS reference code did, and the run warns. `final` is the last epoch on the
+    eval split, the number to report.
 
-    def __init__(self, run: Run, cfg: RetrainConfig, model: torch.nn.Module, ema: Ema | None, loader,
+    With `data.eval_each_epoch: false` the eval split is read once, after the last epoch: the final
+    weights, and the selected ones (from best.pt)."""
+
+    def __init__(self, run: Run, cfg: RetrainConfig, model: torch.nn.Module, ema: Ema | None, loaders,
                  genotype_json: dict):
-        self.run, self.cfg, self.model, self.ema, self.loader = run, cfg, model, ema, loader
+        self.run, self.cfg, self.model, self.ema = run, cfg, model, ema
+        self.loaders = {"holdout": loaders.holdout, "eval": loaders.eval}
+        self.on = "holdout" if loaders.holdout is not None else "eval"
         self.genotype_json = genotype_json
-        self.best = {"top1": -1.0, "top5": 0.0, "epoch": 0, "source": "model"}
+        self.source = "ema" if ema is not None else "model"
+        self.selected: dict = {"epoch": 0, "source": self.source, "on": self.on, "holdout": None, "eval": None}
         self.last: dict = {}
+        self.last_epoch = 0  # epochs evaluated (1-based: epochs done)
         self.ema_model: torch.nn.Module | None = None
 
     def state(self) -> dict:
         """What a checkpoint keeps of it."""
-        return {"best": self.best, "last_eval": self.last}
+        return {"selected": self.selected, "last_eval": self.last, "last_epoch": self.last_epoch}
 
     def load(self, client: dict) -> None:
-        self.best, self.last = client["best"], client.get("last_eval", {})
+        self.last, self.last_epoch = client.get("last_eval", {}), client.get("last_epoch", client["epoch"])
+        if "selected" in client:
+            self.selected = client["selected"]
+        else:  # a checkpoint from before the holdout (data.holdout 0): its "best" was chosen on the eval split
+            best = client["best"]
+            self.selected = {"epoch": best["epoch"], "source": best["source"], "on": "eval", "holdout": None,
+                             "eval": {"top1": best["top1"], "top5": best["top5"]} if best["epoch"] else None}
 
-    def epoch_end(self, epoch: int, lr: float) -> None:
-        run, cfg = self.run, self.cfg
-        self.last = {"model": evaluate(self.model, self.loader, cfg, run.device)}
-        judged, weights = self.last["model"], self.model.state_dict
-        if self.ema is not None:
-            self.last["ema"] = evaluate(self._ema_model(), self.loader, cfg, run.device)
-            judged, weights = self.last["ema"], self.ema_model.state_dict
+    def epoch_end(self, epoch: int, lr: float, last_epoch: bool) -> None:
+        """Evaluates what is due after `epoch` (0-based), selects, logs."""
+        splits = [s for s in ("holdout", "eval") if self.loaders[s] is not None
+                  and (s == "holdout" or self.cfg.data.eval_each_epoch or last_epoch)]
+        self.last, self.last_epoch = {}, epoch + 1
+        for split in splits:
+            self.last[split] = evaluate(self.model, self.loaders[split], self.cfg, self.run.device)
+            if self.ema is not None:
+                self.last[split + "_ema"] = evaluate(self._ema_model(), self.loaders[split], self.cfg,
+                                                     self.run.device)
         self._log(epoch)
-        if judged["top1"] > self.best["top1"]:
-            self.best = {"top1": judged["top1"], "top5": judged["top5"], "epoch": epoch + 1,
-                         "source": "ema" if self.ema is not None else "model"}
-            if run.is_main:
-                save_weights(run.ckpt_dir / "best.pt", weights(), {"genotype": self.genotype_json, **self.best})
-        if run.is_main:
-            line = (f"epoch {epoch + 1}/{cfg.epochs} lr {lr:.4g} eval top1 {self.last['model']['top1']:.2f} "
-                    f"top5 {self.last['model']['top5']:.2f}")
-            if "ema" in self.last:
-                line += f" | ema top1 {self.last['ema']['top1']:.2f}"
-            log.info(line + f" | best {self.best['top1']:.2f} (epoch {self.best['epoch']})")
+        key = self.on + ("_ema" if self.ema is not None else "")
+        if key in self.last and self.last[key]["top1"] > (self.selected[self.on] or {"top1": -1.0})["top1"]:
+            self._select(epoch, key)
+        if last_epoch and self.selected["eval"] is None:
+            self._evaluate_selected()
+        if self.run.is_main:
+            log.info(self._line(epoch, lr))
+
+    def final(self) -> dict:
+        """The last epoch's eval-split accuracy of the weights the run ends with (EMA when on)."""
+        ev = self.last.get("eval" + ("_ema" if self.ema is not None else ""))
+        if not ev:
+            return {"epoch": self.last_epoch, "source": self.source, "top1": None, "top5": None}
+        return {"epoch": self.last_epoch, "source": self.source, "top1": ev["top1"], "top5": ev["top5"]}
+
+    def _select(self, epoch: int, key: str) -> None:
+        top = {k: v for k, v in self.last[key].items() if k in ("top1", "top5")}
+        other = self.last.get("eval" + key[len(self.on):]) if self.on == "holdout" else self.last[key]
+        self.selected = {"epoch": epoch + 1, "source": self.source, "on": self.on,
+                         "holdout": top if self.on == "holdout" else None,
+                         "eval": {k: other[k] for k in ("top1", "top5")} if other else None}
+        weights = self.ema_model if self.ema is not None else self.model
+        if self.run.is_main:
+            save_weights(self.run.ckpt_dir / "best.pt", weights.state_dict(),
+                         {"genotype": self.genotype_json, "selected": self.selected})
+        barrier()
+
+    def _evaluate_selected(self) -> None:
+        """The selected weights on the eval split, when it was not read at that epoch (every rank reads
+        best.pt, which rank 0 wrote before a barrier)."""
+        if self.selected["epoch"] == 0:
+            return
+        state = torch.load(self.run.ckpt_dir / "best.pt", map_location=self.run.device, weights_only=True)
+        probe = copy.deepcopy(self.model)
+        probe.load_state_dict(state["module"])
+        ev = evaluate(probe, self.loaders["eval"], self.cfg, self.run.device)
+        self.selected["eval"] = {"top1": ev["top1"], "top5": ev["top5"]}
+        if self.run.is_main:  # best.pt says what summary.json says
+            save_weights(self.run.ckpt_dir / "best.pt", state["module"],
+                         {"genotype": self.genotype_json, "selected": self.selected})
+        barrier()
+
+    def _line(self, epoch: int, lr: float) -> str:
+        parts = [f"epoch {epoch + 1}/{self.cfg.epochs} lr {lr:.4g}"]
+        for split, ev in self.last.items():
+            parts.append(f"{split} top1 {ev['top1']:.2f}")
+        s = self.selected
+        return " | ".join(parts) + f" | selected epoch {s['epoch']} (on {s['on']})"
 
     def _ema_model(self) -> torch.nn.Module:
         """The model with the EMA's weights."""
@@ -100,11 +158,10 @@ class EpochEvaluation:
         return self.ema_model
 
     def _log(self, epoch: int) -> None:
-        for src, ev in self.last.items():
-            rec = {"step": self.run.step, "epoch": epoch + 1, "split": "eval" if src == "model" else "eval_ema",
-                   "loss": ev["loss"], "acc": ev["top1"] / 100.0, "top1": ev["top1"], "top5": ev["top5"],
-                   "images": ev["images"]}
+        for split, ev in self.last.items():
+            rec = {"step": self.run.step, "epoch": epoch + 1, "split": split, "loss": ev["loss"],
+                   "acc": ev["top1"] / 100.0, "top1": ev["top1"], "top5": ev["top5"], "images": ev["images"]}
             self.run.metrics.append(rec)
             if self.run.tb:
                 for k in ("loss", "top1", "top5"):
-                    self.run.tb.add_scalar(f"{rec['split']}/{k}", ev[k], epoch + 1)
+                    self.run.tb.add_scalar(f"{split}/{k}", ev[k], epoch + 1)

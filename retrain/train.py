@@ -41,7 +41,7 @@ class RetrainResult:
     finished: bool
 
 
-def build_engine(cfg: RetrainConfig, model: torch.nn.Module, world: int, device: torch.device):
+def build_engine(cfg: RetrainConfig, model: torch.nn.Module, world: int):
     """(DeepSpeed engine, its plain torch SGD, the ds_config): DeepSpeed owns gradient averaging,
     clipping (`gradient_clipping`), autocast and, for fp16, the GradScaler (ZeRO 0)."""
     import deepspeed
@@ -49,7 +49,7 @@ def build_engine(cfg: RetrainConfig, model: torch.nn.Module, world: int, device:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.base_lr(world), momentum=w.momentum,
                                 weight_decay=w.weight_decay, nesterov=w.nesterov)
     ds = ds_config(cfg.data.micro_batch, cfg.engine.grad_accum, world, cfg.precision, cfg.engine.autocast,
-                   cfg.engine.zero_stage, device.type == "cuda")
+                   cfg.engine.zero_stage)
     ds["gradient_clipping"] = w.grad_clip
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return ds_engine, optimizer, ds
@@ -66,22 +66,27 @@ def train_loss(cfg: RetrainConfig, logits: torch.Tensor, logits_aux: torch.Tenso
 
 def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, resume: bool = False,
                 force: bool = False) -> RetrainResult:
+    cfg.check_genotype(genotype)  # a cell of another space than model.space is refused, never reinterpreted
     run = Run(cfg, run_dir)
     check_precision(cfg.precision, run.device)
     run.prepare(resume, force, ("checkpoints",))
-    train_loader, eval_loader = build_loaders(cfg, run.rank, run.world, run.device, run.skipped)
+    loaders = build_loaders(cfg, run.rank, run.world, run.device, run.skipped)
+    train_loader = loaders.train
     run.warn_skipped()
     m = cfg.model
     model = build_network(genotype, cfg.data.dataset, m.C, m.layers, cfg.num_classes, m.auxiliary, 0.0)
     params = count_params(model)
-    ds_engine, optimizer, ds = build_engine(cfg, model, run.world, run.device)
+    ds_engine, optimizer, ds = build_engine(cfg, model, run.world)
     model = ds_engine.module
     ema = Ema(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     gj = genotype.to_json()
-    evaluation = EpochEvaluation(run, cfg, model, ema, eval_loader, gj)
+    evaluation = EpochEvaluation(run, cfg, model, ema, loaders, gj)
+    run.record_provenance(train_loader, cfg.precision, cfg.global_batch(run.world), {"w": cfg.base_lr(run.world)})
+    warn_no_holdout(run, loaders.holdout_per_class)
     if resume:
         refuse_other_genotype_run(run.dir, gj)
-    client = run.resume_or_start(ds_engine, resume, "network", refuse_other_network(gj), [], ds)
+    client = run.resume_or_start(ds_engine, resume, "network",
+                                 refuse_other_network(gj, loaders.holdout_per_class), [], ds)
     start_epoch = 0
     if client is not None:
         start_epoch = client["epoch"]
@@ -97,7 +102,8 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
     def save(epoch: int) -> None:
         scaler = grad_scaler(ds_engine)
         run.save(ds_engine, epoch, {
-            "kind": "retrain", "genotype": gj, **evaluation.state(), "train_loader": train_loader.state_dict(),
+            "kind": "retrain", "genotype": gj, "holdout_per_class": loaders.holdout_per_class,
+            **evaluation.state(), "train_loader": train_loader.state_dict(),
             "ema": ema.state_dict() if ema is not None else None,
             "grad_scaler": scaler.state_dict() if scaler is not None else None})
 
@@ -117,7 +123,7 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
                 capped = True
                 save(epoch)
                 break
-            evaluation.epoch_end(epoch, lr)
+            evaluation.epoch_end(epoch, lr, last_epoch=epoch + 1 == cfg.epochs)
             train_loader.set_epoch(epoch + 1)
             save(epoch + 1)
             if cfg.max_steps and run.step >= cfg.max_steps and epoch + 1 < cfg.epochs:
@@ -126,8 +132,10 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
 
     summary = {"genotype": gj, "dataset": cfg.data.dataset, "network": type(model).__name__,
                "params": params, "epochs": cfg.epochs, "steps": run.step, "global_batch": cfg.global_batch(run.world),
-               "lr": cfg.base_lr(run.world), "precision": cfg.precision, "best": evaluation.best,
-               "last": evaluation.last, "fp16_skipped_steps": int(getattr(ds_engine, "skipped_steps", 0))}
+               "lr": cfg.base_lr(run.world), "precision": cfg.precision,
+               "final": evaluation.final(), "selected": evaluation.selected,
+               "holdout_per_class": loaders.holdout_per_class, "last": evaluation.last,
+               "fp16_skipped_steps": int(getattr(ds_engine, "skipped_steps", 0))}
     if capped and run.is_main:
         log.info("stopped at max_steps=%d (step %d); continue with --resume", cfg.max_steps, run.step)
     return RetrainResult(run.finish(summary, write=not capped), finished=not capped)
@@ -184,15 +192,28 @@ def grad_scaler(ds_engine):
     return getattr(ds_engine, "torch_autocast_z0_gradscaler", None)
 
 
-def refuse_other_network(genotype_json: dict) -> Callable[[dict], str | None]:
-    """A retrain checkpoint of this genotype is the only one `--resume` may load."""
+def refuse_other_network(genotype_json: dict, holdout_per_class: int) -> Callable[[dict], str | None]:
+    """A retrain checkpoint of this genotype, trained on this training split, is the only one `--resume`
+    may load. Checkpoints from before the holdout trained on the whole split (no `holdout_per_class`)."""
     def refuse(client: dict) -> str | None:
         if client.get("kind") != "retrain":
             return "not a retrain checkpoint"
         if client.get("genotype") != genotype_json:
             return "checkpoint was trained with another genotype than --genotype"
+        held = client.get("holdout_per_class", 0)
+        if held != holdout_per_class:
+            older = " (an older layout, from before the holdout)" if "holdout_per_class" not in client else ""
+            return (f"checkpoint was trained with data.holdout {held}{older}, this config gives "
+                    f"{holdout_per_class}; resume with --set data.holdout={held}")
         return None
     return refuse
+
+
+def warn_no_holdout(run: Run, holdout_per_class: int) -> None:
+    if not holdout_per_class and run.is_main:
+        log.warning("data.holdout 0: the checkpoint (best.pt, summary 'selected') is chosen on the eval split, "
+                    "the test set; report 'final' (the last epoch), or set data.holdout to select on held-out "
+                    "training images")
 
 
 def refuse_other_genotype_run(run_dir: Path, genotype_json: dict) -> None:

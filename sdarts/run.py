@@ -3,11 +3,12 @@
 
     run = Run(cfg, run_dir)                  # process group, device, seed
     run.prepare(resume, force, subdirs)      # the run directory (refuses to clobber an earlier run)
+    run.record_provenance(loader, ...)       # one log line; the `run` block of summary.json
     client = run.resume_or_start(ds_engine, ...)   # checkpoint + RNG + logs cut back, or the fresh files
     with run.training(steps_per_epoch, "search"):  # TensorBoard, profiler, preemption signals, progress
         ... step ...; run.after_step(images, record); run.stop_if_preempted(save)
         if run.checkpoint_due(steps_per_epoch): save(epoch)
-    run.finish(summary)                      # summary.json (wall time, images/s)
+    run.finish(summary)                      # summary.json (wall time, images/s, provenance)
 
 `cfg` is a search or a retrain config: both have `seed`, `engine.device`, `log.*` and `checkpoint.*`.
 A checkpoint's client state carries the loop's own keys plus `epoch`, `step`, `torch_rng` and, on
@@ -30,6 +31,7 @@ from sdarts.distributed import barrier, init
 from sdarts.errors import NumericalFault
 from sdarts.preempt import PreemptionSignals
 from sdarts.profiling import StepProfiler
+from sdarts.provenance import describe, provenance
 from sdarts.runlog import JsonlLog, StepProgress, atomic_write, prepare_run_dir
 
 log = logging.getLogger("sdarts")
@@ -50,6 +52,7 @@ class Run:
         self.step = 0  # optimizer steps taken, over the whole run (a resumed run starts past 0)
         self.skipped: list[str] = []  # undecodable samples the data loaders skipped
         self.tb = None
+        self.provenance: dict = {}
 
     def prepare(self, resume: bool, force: bool, subdirs: tuple[str, ...]) -> None:
         """The run directory (`--resume` continues it, `--force` starts over), then the seed."""
@@ -60,6 +63,13 @@ class Run:
         if self.skipped and self.is_main:
             log.warning("skipped %d undecodable samples (data.on_bad_sample=skip); first: %s",
                         len(self.skipped), self.skipped[0])
+
+    def record_provenance(self, loader, precision: str, global_batch: int, lr: dict) -> None:
+        """What this run runs on (data backend, device, precision, versions, commit, batch, lr): one log
+        line now, the `run` block of summary.json at the end (`sdarts.provenance`)."""
+        self.provenance = provenance(loader, self.device, self.world, precision, global_batch, lr)
+        if self.is_main:
+            log.info(describe(self.provenance))
 
     def resume_or_start(self, ds_engine, resume: bool, what: str, refuse: Callable[[dict], str | None],
                         logs: list[JsonlLog], ds_config: dict) -> dict | None:
@@ -139,7 +149,7 @@ class Run:
         ips = [m["images_per_s"] for m in self.metrics.read() if m.get("images_per_s")]
         summary = summary | {"world_size": self.world, "wall_time_s": time.time() - self.t_start,
                              "images_per_s": sum(ips) / len(ips) if ips else None,
-                             "skipped_samples": len(self.skipped)}
+                             "skipped_samples": len(self.skipped), "run": self.provenance}
         if write and self.is_main:
             atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         barrier()

@@ -95,7 +95,7 @@ def test_retrain_killed_at_each_save_instant_resumes_to_the_uninterrupted_result
     assert_same_tensors(a["module"], b["module"], "module")
     assert_same_tensors(a["optimizer"], b["optimizer"], "optimizer")
     assert_same_tensors(a["ema"], b["ema"], "ema")
-    assert a["best"] == b["best"] and a["last_eval"] == b["last_eval"]
+    assert a["selected"] == b["selected"] and a["last_eval"] == b["last_eval"]
     best_a = torch.load(ref / "checkpoints" / "best.pt", weights_only=True)
     best_b = torch.load(d / "checkpoints" / "best.pt", weights_only=True)
     assert_same_tensors(best_a, best_b, "best.pt")

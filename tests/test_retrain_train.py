@@ -19,10 +19,11 @@ DARTS_V2 = LITERATURE["darts_v2"]
 
 
 def tiny(root, **over) -> RetrainConfig:
-    """A seconds-long CIFAR retrain: 3 cells of 4 channels, 80 train / 80 test images, 5 steps an epoch."""
+    """A seconds-long CIFAR retrain: 3 cells of 4 channels, 90 train images less the default holdout of 1
+    per class = 80 (5 steps an epoch), 90 test images."""
     tree = {"epochs": 2, "model": {"C": 4, "layers": 3, "auxiliary": True, "drop_path": 0.2},
             "optim": {"w": {"lr": 0.05}}, "loss": {"label_smoothing": 0.1}, "ema": {"decay": 0.9},
-            "data": {"root": str(root), "micro_batch": 16, "max_per_split": 80, "cutout": 16},
+            "data": {"root": str(root), "micro_batch": 16, "max_per_split": 90, "cutout": 16},
             "log": {"progress": False, "tensorboard": False, "every_steps": 1}}
     return build(RetrainConfig, tree, [f"{k}={v}" for k, v in over.items()])
 
@@ -41,16 +42,16 @@ def test_a_few_real_steps_lower_the_loss():
     x = (x - torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255)
     y = torch.from_numpy(d["y_train"][:64].astype("int64"))
     cfg = tiny(npz, **{"data.micro_batch": 64, "model.C": 8})
-    _, _, world, device = init("cpu")
+    _, _, world, _ = init("cpu")
     torch.manual_seed(0)
-    engine, opt, ds = build_engine(cfg, NetworkCIFAR(8, 10, 3, True, DARTS_V2), world, device)
+    ds_engine, opt, ds = build_engine(cfg, NetworkCIFAR(8, 10, 3, True, DARTS_V2), world)
     assert ds["gradient_clipping"] == 5.0 and isinstance(opt, torch.optim.SGD)
     losses = []
     for _ in range(8):
-        logits, aux = engine(x)
+        logits, aux = ds_engine(x)
         loss = train_loss(cfg, logits, aux, y)
-        engine.backward(loss)
-        engine.step()
+        ds_engine.backward(loss)
+        ds_engine.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -69,14 +70,16 @@ def test_resume_after_a_step_cap_is_bit_exact(tmp_path):
         assert torch.equal(a["module"][k], b["module"][k]), k
     for k in a["ema"]["state"]:
         assert torch.equal(a["ema"]["state"][k], b["ema"]["state"][k]), k
-    assert a["best"] == b["best"] and a["last_eval"] == b["last_eval"]
+    assert a["selected"] == b["selected"] and a["last_eval"] == b["last_eval"]
     lines = lambda p: [json.loads(l) for l in (p / "metrics.jsonl").read_text().splitlines()]
     strip = lambda recs: [{k: v for k, v in r.items() if k != "images_per_s"} for r in recs]
     assert strip(lines(ref)) == strip(lines(run))
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    assert best["source"] == "ema" and best["genotype"] == DARTS_V2.to_json()
+    assert best["selected"]["source"] == "ema" and best["genotype"] == DARTS_V2.to_json()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["last"]["model"]["images"] == 80  # every test image counted once
+    assert summary["last"]["eval"]["images"] == 90  # every test image counted once
+    assert summary["last"]["holdout"]["images"] == 10 and summary["holdout_per_class"] == 1
+    assert summary["selected"] == best["selected"] and summary["selected"]["on"] == "holdout"
 
 
 def test_bf16_runs_with_batchnorm_in_fp32(tmp_path):
@@ -136,7 +139,9 @@ def test_imagenet_network_on_real_imagenet_images():
                 "data.micro_batch=8", "data.workers=1", "precision=fp32", "model.C=8", "model.layers=3"])
     from retrain.data import build_loaders
     _, _, world, device = init("cpu")
-    train, val = build_loaders(cfg, 0, 1, device)
+    loaders = build_loaders(cfg, 0, 1, device)
+    train, val = loaders.train, loaders.eval
+    assert loaders.holdout is None  # one image per class in the sample: no class can spare one
     batch = next(iter(train))
     assert batch.x.shape == (8, 3, 224, 224) and int(batch.y.max()) < 1000
     torch.manual_seed(0)
@@ -169,7 +174,8 @@ def test_two_ranks_end_to_end(tmp_path):
     assert any(f.name.startswith("events.out.tfevents") for f in (run / "tb").iterdir())
     s = json.loads((run / "summary.json").read_text())
     assert s["world_size"] == 2 and s["global_batch"] == 32 and s["lr"] == 0.025 * 32 / 128
-    assert s["steps"] == 200 // 32 and s["last"]["model"]["images"] == 200  # both ranks' shards, no repeats
+    # 20 per class, 2 held out: 180 train images; both ranks' shards, no repeats, in each evaluation
+    assert s["steps"] == 180 // 32 and s["last"]["eval"]["images"] == 200 and s["last"]["holdout"]["images"] == 20
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     net = NetworkCIFAR(8, 10, 3, True, DARTS_V2)
     net.load_state_dict(best["module"])
@@ -201,10 +207,11 @@ def test_sigterm_checkpoints_exits_124_and_resumes(tmp_path):
     assert p.returncode == 124, err[-2000:]
     assert (run / "checkpoints" / "latest").exists() and not (run / "summary.json").exists()
     stopped = int((run / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
-    assert 2 <= stopped < 40
+    total = 2 * ((320 - 10 * 3) // 16)  # 32 per class less the default holdout of 3: 18 steps an epoch
+    assert 2 <= stopped < total
     r = subprocess.run([PYTHON, *args, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.loads((run / "summary.json").read_text())
-    assert s["steps"] == 40
+    assert s["steps"] == total
     steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if '"train"' in l]
-    assert steps == list(range(1, 41))  # every step logged exactly once across the preemption
+    assert steps == list(range(1, total + 1))  # every step logged exactly once across the preemption

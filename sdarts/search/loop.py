@@ -2,8 +2,8 @@
 
 `run_search` reads top to bottom: build the data, the supernet, the engine and the strategy; resume or
 start; per epoch set the lr and take the strategy's steps; at the epoch end record alpha and derive the
-genotype. One step is `strategy.step` (sdarts/search/strategies.py), which calls `engine.step(groups)`
-(sdarts/engine.py), which runs the `CombinedOptimizer` (sdarts/optim.py). Everything around the steps
+genotype. One step is `strategy.step` (sdarts/search/strategies.py), which calls `engine.step(groups)`,
+which runs the `CombinedOptimizer` (both in sdarts/engine.py). Everything around the steps
 (run directory, logs, profiler, preemption, checkpoints, summary) is `sdarts.run.Run`.
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                                                       run.world, accum, str(data_device), run.skipped)
     run.warn_skipped()
     engine = SearchEngine(cfg, build_supernet(cfg), run.world, run.device)
+    run.record_provenance(train_loader, cfg.precision, cfg.data.micro_batch * accum * run.world,
+                          {"w": cfg.optim.w.lr, "alpha": cfg.optim.alpha.lr})
     model = engine.module
     strategy = make_strategy(cfg.strategy, engine, accum)
     logs = SearchLogs(run, cfg)
