@@ -12,7 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
-from sdarts.config import CheckpointConfig, EngineConfig, LogConfig, _Strict, build, read_yaml
+from sdarts.config import RunSections, _Strict, build, read_yaml
 from sdarts.errors import ConfigError
 
 __all__ = ["DEFAULT_GENOTYPE", "RECIPES", "RetrainConfig", "check_genotype", "load"]
@@ -101,7 +101,7 @@ class RetrainData(_Strict):
     on_bad_sample: Literal["error", "skip"] = "error"
 
 
-class RetrainConfig(_Strict):
+class RetrainConfig(RunSections):
     seed: int = 0
     epochs: int = Field(default=600, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -113,9 +113,6 @@ class RetrainConfig(_Strict):
     loss: LossConfig = LossConfig()
     ema: EmaConfig = EmaConfig()
     data: RetrainData = RetrainData()
-    engine: EngineConfig = EngineConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _precision(self):

@@ -21,7 +21,7 @@ import torch
 
 from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
 from sdarts.data.holdout import auto_per_class, split_holdout
-from sdarts.data.loader import Batch, TensorLoader
+from sdarts.data.loader import Batch, TensorLoader, on_device
 from sdarts.data.sources import Split, cifar10_split
 from sdarts.errors import DataError
 
@@ -35,11 +35,7 @@ class EvalLoader:
                  device: str | torch.device = "cpu", mean=CIFAR_MEAN, std=CIFAR_STD):
         self.micro_batch, self.rank, self.world = micro_batch, rank, world
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        self.ids = split.ids.to(self.device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.images, self.labels, self.ids, self.mean, self.std = on_device(split, self.device, mean, std)
         self.block = micro_batch * world
 
     def __len__(self) -> int:

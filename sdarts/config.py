@@ -149,7 +149,15 @@ class AnalysisConfig(_Strict):
     cells: list[int] = [0]
 
 
-class SearchConfig(_Strict):
+class RunSections(_Strict):
+    """The sections every run config has, search and retrain alike: how it runs (`engine`), its
+    checkpoints and its logs (what `sdarts.run.Run` reads)."""
+    engine: EngineConfig = EngineConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+
+class SearchConfig(RunSections):
     seed: int = 0
     epochs: int = Field(default=50, gt=0)
     strategy: Literal["single_level", "bilevel", "bilevel_second_order", "two_batch"] = "single_level"
@@ -163,9 +171,6 @@ class SearchConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    engine: EngineConfig = EngineConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    log: LogConfig = LogConfig()
     analysis: AnalysisConfig = AnalysisConfig()
 
     @model_validator(mode="after")
@@ -283,5 +288,8 @@ def load(path: str | Path, overrides: list[str] | None = None) -> SearchConfig:
 
 
 def dump(cfg: BaseModel) -> str:
-    """The resolved config as YAML (written to the run directory)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (written to the run directory); the shared run sections last."""
+    d = cfg.model_dump(mode="json")
+    shared = [k for k in RunSections.model_fields if k in d]
+    return yaml.safe_dump({k: v for k, v in d.items() if k not in shared} | {k: d[k] for k in shared},
+                          sort_keys=False)

@@ -30,6 +30,12 @@ class Batch:
     ids: torch.Tensor    # int64 [B]: sample identities (the bi-level test asserts on them)
 
 
+def on_device(split: Split, device: torch.device, mean, std) -> tuple[torch.Tensor, ...]:
+    """(images, labels, ids, mean, std) of `split` on `device`; mean/std in uint8 units, [1, 3, 1, 1]."""
+    scale = lambda v: torch.tensor(v, device=device).view(1, 3, 1, 1) * 255  # noqa: E731
+    return (split.images.to(device), split.labels.to(device), split.ids.to(device), scale(mean), scale(std))
+
+
 class TensorLoader:
     """Iterates micro-batches of one split for one rank; `state_dict` holds epoch and position."""
 
@@ -42,11 +48,7 @@ class TensorLoader:
         self.cutout = cutout
         self._cutout_epoch, self._cutout_centers = None, None
         self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        self.ids = split.ids.to(self.device)
-        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1) * 255
+        self.images, self.labels, self.ids, self.mean, self.std = on_device(split, self.device, mean, std)
         self.block = micro_batch * world * accum
         if len(split) < self.block:
             raise ValueError(f"split has {len(split)} images, fewer than one global batch of {self.block}")
