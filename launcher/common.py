@@ -36,32 +36,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 @contextlib.contextmanager
 def fail_cleanly():
     """Turns the library's user-facing errors into `error: <one line>` and exit 2."""
-    from sdarts.errors import CheckpointSaveError, NumericalFault
+    from sdarts.errors import CheckpointSaveError, NumericalFault, first_line
     try:
         yield
     except NumericalFault as e:
         print(f"error: numerical fault at {e}", file=sys.stderr)
         sys.exit(EXIT_NUMERICAL)
     except CheckpointSaveError as e:
-        print(f"error: {_first_line(e)}", file=sys.stderr)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(EXIT_SAVE_FAILED)
-    except _user_errors() as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    except ValueError as e:  # validated settings the device cannot honour (precision, op names)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+    except (*_user_errors(), ValueError) as e:  # ValueError: settings the device cannot honour (precision)
+        print(f"error: {first_line(e)}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     except OSError as e:  # a full disk outside checkpoints (a log line, a genotype file): one line too
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         print(f"error: {e.filename or 'write'}: {e.strerror}", file=sys.stderr)
         sys.exit(EXIT_SAVE_FAILED)
-
-
-def _first_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def setup_logging(all_ranks: bool = False) -> None:

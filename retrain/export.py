@@ -37,7 +37,7 @@ import torch
 
 from sdarts.config import build, read_yaml
 from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
-from sdarts.errors import CheckpointError, ConfigError, ExportError, GenotypeError
+from sdarts.errors import CheckpointError, ConfigError, ExportError, GenotypeError, first_line
 from sdarts.genotype import DartsGenotype, Genotype, NB201Genotype
 from sdarts.genotype import load as load_genotype
 
@@ -66,10 +66,6 @@ class Export:
     state_dict: dict[str, torch.Tensor]
     provenance: dict[str, Any] = field(default_factory=dict)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
 
 
 def model_spec(genotype: Genotype, dataset: str = "imagenet", C: int | None = None, layers: int | None = None,
@@ -168,7 +164,7 @@ def _load_checkpoint_file(path: Path) -> dict:
             detail = lines[0][:120] if lines else "unsupported content"
             raise CheckpointError(f"{path}: refused: it holds objects other than tensors and plain containers "
                                   f"(read with weights_only=True: {detail})") from None
-        raise CheckpointError(f"{path}: not a checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a checkpoint ({first_line(e, 200)})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("module"), dict):
         raise CheckpointError(f"{path}: not a retrain checkpoint (no 'module' weights)")
     return obj
@@ -252,7 +248,7 @@ def _verified_model(export: Export) -> torch.nn.Module:
     try:
         model = build_model(export.architecture, export.model_args)
     except (GenotypeError, ValueError, TypeError) as e:
-        raise ExportError(f"cannot build {export.architecture}: {_first_line(e)}") from None
+        raise ExportError(f"cannot build {export.architecture}: {first_line(e, 200)}") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in export.state_dict]
     unexpected = [k for k in export.state_dict if k not in expected]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdarts.errors import DataError, ExportError
+from sdarts.errors import DataError, ExportError, first_line
 
 __all__ = ["ATOL", "ONNX_FILE", "OPSET", "check_images", "require", "verify", "write_onnx"]
 
@@ -110,10 +110,6 @@ def check_images(pretrained_cfg: dict[str, Any], source: str | Path | None = Non
     return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))), f"{where} ({len(files)} files, mirrored too)"
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
-
 
 def _inference_mode(model: torch.nn.Module) -> torch.nn.Module:
     """eval(), and every drop-path probability at 0: the graph must hold no random op."""
@@ -151,7 +147,7 @@ def _torch_export(model: torch.nn.Module, input_size: list[int], name: str):
                                      output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
                                      optimize=True, verbose=False)
     except Exception as e:  # noqa: BLE001 - the exporter's many failure types: one line naming the network
-        raise ExportError(f"torch.onnx.export (dynamo, opset {OPSET}) failed for {name}: {_first_line(e)}") from None
+        raise ExportError(f"torch.onnx.export (dynamo, opset {OPSET}) failed for {name}: {first_line(e, 200)}") from None
 
 
 def verify(path: str | Path, model: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
@@ -162,7 +158,7 @@ def verify(path: str | Path, model: torch.nn.Module, images: torch.Tensor) -> di
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
-        raise ExportError(f"{path}: onnxruntime cannot load it: {_first_line(e)}") from None
+        raise ExportError(f"{path}: onnxruntime cannot load it: {first_line(e, 200)}") from None
     worst, scale, batches = 0.0, 0.0, []
     for x in (images, images[:1]):
         with torch.no_grad():

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from sdarts.distributed import all_agree, barrier
-from sdarts.errors import CheckpointError, CheckpointSaveError
+from sdarts.errors import CheckpointError, CheckpointSaveError, first_line
 from sdarts.runlog import atomic_write
 
 
@@ -57,8 +57,7 @@ def load_latest(ds_engine, ckpt_dir: Path, what: str,
     try:
         _, client = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
     except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint of this {what} ({first[:200]})") from None
+        raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint of this {what} ({first_line(e, 200)})") from None
     if client is None:
         raise CheckpointError(f"{ckpt_dir / tag}: checkpoint could not be read")
     reason = refuse(client)
@@ -130,7 +129,7 @@ def _save_failure(e: BaseException, where: Path) -> str:
     os_err = next((x for x in chain if isinstance(x, OSError) and x.errno), None)
     if os_err is not None:
         return f"{os_err.strerror or os.strerror(os_err.errno)} ({os_err.filename or where})"
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    first = first_line(e, 160)
     probe = where
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -199,8 +198,7 @@ def verify_safe(tag_dir: Path) -> None:
         try:
             torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means we will not unpickle it unsafely
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointError(f"{f}: refused, not a plain-tensor checkpoint ({first[:160]})") from None
+            raise CheckpointError(f"{f}: refused, not a plain-tensor checkpoint ({first_line(e, 160)})") from None
 
 
 def save_weights(path: Path, state_dict: dict, meta: dict) -> None:
@@ -211,5 +209,4 @@ def save_weights(path: Path, state_dict: dict, meta: dict) -> None:
         os.replace(tmp, path)
     except Exception as e:  # noqa: BLE001 - torch.save reports a full disk as a bare RuntimeError
         tmp.unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointSaveError(f"{path} not saved: {first}; the previous {path.name} is kept") from None
+        raise CheckpointSaveError(f"{path} not saved: {first_line(e, 160)}; the previous {path.name} is kept") from None

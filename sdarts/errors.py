@@ -55,3 +55,11 @@ class PlanError(ValueError):
 
 class HostfileError(ValueError):
     """A hostfile problem; the message is one line naming the file, the line and the host."""
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """An exception as one line for an `error:` message: its message's first line (at most `limit`
+    characters), or its type's name when it has no message."""
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line[:limit] if limit else line
