@@ -49,6 +49,11 @@ def evaluate(model: torch.nn.Module, loader, cfg: RetrainConfig, device: torch.d
     return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "images": int(n)}
 
 
+def _top(ev: dict) -> dict:
+    """The accuracies of one evaluation, as `final` and `selected` report them."""
+    return {"top1": ev["top1"], "top5": ev["top5"]}
+
+
 class EpochEvaluation:
     """Evaluates at each epoch end, logs it, and selects a checkpoint on the holdout, never on the eval
     split (the test set): `selected` is the epoch whose holdout top-1 (of the EMA weights when on) is the
@@ -89,11 +94,11 @@ class EpochEvaluation:
         splits = [s for s in ("holdout", "eval") if self.loaders[s] is not None
                   and (s == "holdout" or self.cfg.data.eval_each_epoch or last_epoch)]
         self.last, self.last_epoch = {}, epoch + 1
+        ema_model = self._ema_model() if self.ema is not None and splits else None  # one copy per epoch
         for split in splits:
             self.last[split] = evaluate(self.model, self.loaders[split], self.cfg, self.run.device)
-            if self.ema is not None:
-                self.last[split + "_ema"] = evaluate(self._ema_model(), self.loaders[split], self.cfg,
-                                                     self.run.device)
+            if ema_model is not None:
+                self.last[split + "_ema"] = evaluate(ema_model, self.loaders[split], self.cfg, self.run.device)
         self._log(epoch)
         key = self.on + ("_ema" if self.ema is not None else "")
         if key in self.last and self.last[key]["top1"] > (self.selected[self.on] or {"top1": -1.0})["top1"]:
@@ -106,16 +111,13 @@ class EpochEvaluation:
     def final(self) -> dict:
         """The last epoch's eval-split accuracy of the weights the run ends with (EMA when on)."""
         ev = self.last.get("eval" + ("_ema" if self.ema is not None else ""))
-        if not ev:
-            return {"epoch": self.last_epoch, "source": self.source, "top1": None, "top5": None}
-        return {"epoch": self.last_epoch, "source": self.source, "top1": ev["top1"], "top5": ev["top5"]}
+        return {"epoch": self.last_epoch, "source": self.source, **(_top(ev) if ev else {"top1": None, "top5": None})}
 
     def _select(self, epoch: int, key: str) -> None:
-        top = {k: v for k, v in self.last[key].items() if k in ("top1", "top5")}
         other = self.last.get("eval" + key[len(self.on):]) if self.on == "holdout" else self.last[key]
         self.selected = {"epoch": epoch + 1, "source": self.source, "on": self.on,
-                         "holdout": top if self.on == "holdout" else None,
-                         "eval": {k: other[k] for k in ("top1", "top5")} if other else None}
+                         "holdout": _top(self.last[key]) if self.on == "holdout" else None,
+                         "eval": _top(other) if other else None}
         weights = self.ema_model if self.ema is not None else self.model
         if self.run.is_main:
             save_weights(self.run.ckpt_dir / "best.pt", weights.state_dict(),
@@ -131,7 +133,7 @@ class EpochEvaluation:
         probe = copy.deepcopy(self.model)
         probe.load_state_dict(state["module"])
         ev = evaluate(probe, self.loaders["eval"], self.cfg, self.run.device)
-        self.selected["eval"] = {"top1": ev["top1"], "top5": ev["top5"]}
+        self.selected["eval"] = _top(ev)
         if self.run.is_main:  # best.pt says what summary.json says
             save_weights(self.run.ckpt_dir / "best.pt", state["module"],
                          {"genotype": self.genotype_json, "selected": self.selected})

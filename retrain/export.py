@@ -201,12 +201,12 @@ def from_run_dir(run_dir: str | Path, checkpoint: str = "last", ema: bool = True
         path = ckpt_dir / "best.pt"
         obj = _load_checkpoint_file(path)
         # best.pt: the selected epoch's weights, its metadata under "selected" (before the holdout: top level)
-        source = str(obj.get("selected", obj).get("source", "model"))
+        meta = obj.get("selected", obj)
+        source = str(meta.get("source", "model"))
         if source == "ema" and not ema:
             raise ExportError(f"{path} holds the EMA weights (ema.decay was on); use the last checkpoint "
                               f"without EMA for the raw weights")
         state, weights = obj["module"], source
-        meta = obj.get("selected", obj)
         info = {k: meta[k] for k in ("epoch", "top1", "top5") if isinstance(meta.get(k), (int, float))}
         if isinstance(meta.get("eval"), dict):  # the selected epoch's eval-split accuracy
             info |= {k: meta["eval"][k] for k in ("top1", "top5") if isinstance(meta["eval"].get(k), (int, float))}

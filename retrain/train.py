@@ -81,7 +81,8 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
     ema = Ema(model, cfg.ema.decay) if cfg.ema.decay > 0 else None
     gj = genotype.to_json()
     evaluation = EpochEvaluation(run, cfg, model, ema, loaders, gj)
-    run.record_provenance(train_loader, cfg.precision, cfg.global_batch(run.world), {"w": cfg.base_lr(run.world)})
+    base_lr = cfg.base_lr(run.world)
+    run.record_provenance(train_loader, cfg.precision, cfg.global_batch(run.world), {"w": base_lr})
     warn_no_holdout(run, loaders.holdout_per_class)
     if resume:
         refuse_other_genotype_run(run.dir, gj)
@@ -94,8 +95,9 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
         train_loader.load_state_dict(client["train_loader"])
         if ema is not None and client.get("ema") is not None:
             ema.load_state_dict(client["ema"])
-        if grad_scaler(ds_engine) is not None and client.get("grad_scaler"):
-            grad_scaler(ds_engine).load_state_dict(client["grad_scaler"])
+        scaler = grad_scaler(ds_engine)
+        if scaler is not None and client.get("grad_scaler"):
+            scaler.load_state_dict(client["grad_scaler"])
     elif run.is_main:
         save_genotype(genotype, run.dir / "genotype.json")
 
@@ -110,12 +112,11 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
     if run.is_main:
         log.info("network: %s, %.2fM params (no aux head); %d ranks x %d x %d accum = global batch %d, lr %.4g",
                  type(model).__name__, params / 1e6, run.world, cfg.data.micro_batch, cfg.engine.grad_accum,
-                 cfg.global_batch(run.world), cfg.base_lr(run.world))
-    capped = False
+                 cfg.global_batch(run.world), base_lr)
+    capped, w = False, cfg.optim.w
     with run.training(len(train_loader) // cfg.engine.grad_accum, "train"):
         for epoch in range(start_epoch, cfg.epochs):
-            w = cfg.optim.w
-            lr = lr_at(epoch, cfg.epochs, cfg.base_lr(run.world), w.schedule, w.warmup_epochs, w.lr_min)
+            lr = lr_at(epoch, cfg.epochs, base_lr, w.schedule, w.warmup_epochs, w.lr_min)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             model.drop_path_prob = drop_path_at(epoch, cfg.epochs, m.drop_path)
@@ -132,7 +133,7 @@ def run_retrain(cfg: RetrainConfig, genotype: Genotype, run_dir: str | Path, res
 
     summary = {"genotype": gj, "dataset": cfg.data.dataset, "network": type(model).__name__,
                "params": params, "epochs": cfg.epochs, "steps": run.step, "global_batch": cfg.global_batch(run.world),
-               "lr": cfg.base_lr(run.world), "precision": cfg.precision,
+               "lr": base_lr, "precision": cfg.precision,
                "final": evaluation.final(), "selected": evaluation.selected,
                "holdout_per_class": loaders.holdout_per_class, "last": evaluation.last,
                "fp16_skipped_steps": int(getattr(ds_engine, "skipped_steps", 0))}

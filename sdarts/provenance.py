@@ -27,9 +27,9 @@ PACKAGES = {"torch": "torch", "deepspeed": "deepspeed", "dali": "nvidia-dali-cud
 
 
 def data_backend(loader) -> tuple[str, str | None]:
-    """(backend, DALI device) of a loader: the streaming loaders name their backend (`DaliLoader.device`
-    is "cpu" or "gpu"); the in-memory `TensorLoader` has none."""
-    backend = getattr(loader, "backend", "memory")
+    """(backend, DALI device) of a loader: every loader class names its backend (`DaliLoader.device` is
+    "cpu" or "gpu")."""
+    backend = loader.backend
     return backend, str(loader.device) if backend == "dali" else None
 
 

@@ -38,6 +38,8 @@ def on_device(split: Split, device: torch.device, mean, std) -> tuple[torch.Tens
 
 class TensorLoader:
     """Iterates micro-batches of one split for one rank; `state_dict` holds epoch and position."""
+    #: the data path `sdarts.provenance` records: images held in memory, augmented on the training device
+    backend = "memory"
 
     def __init__(self, split: Split, micro_batch: int, rank: int = 0, world: int = 1, accum: int = 1,
                  seed: int = 0, augment: bool = True, device: str | torch.device = "cpu",
