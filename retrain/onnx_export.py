@@ -150,13 +150,17 @@ def _torch_export(model: torch.nn.Module, input_size: list[int], name: str):
         raise ExportError(f"torch.onnx.export (dynamo, opset {OPSET}) failed for {name}: {first_line(e, 200)}") from None
 
 
-def verify(path: str | Path, model: torch.nn.Module, images: torch.Tensor) -> dict[str, Any]:
-    """Runs `path` with onnxruntime (CPU) on the whole batch and on its first image, compares with the
-    eager model; returns the check's record, or raises one ExportError line past ATOL."""
+def verify(onnx_model: str | Path | bytes, model: torch.nn.Module, images: torch.Tensor,
+           name: str | None = None) -> dict[str, Any]:
+    """Runs `onnx_model` (a file, or the serialized model) with onnxruntime (CPU) on the whole batch and
+    on its first image, compares with the eager model; returns the check's record, or raises one
+    ExportError line past ATOL (`name`: what the messages call it, default the path)."""
     import onnxruntime as ort
     model = _inference_mode(model)
+    path = name or (ONNX_FILE if isinstance(onnx_model, bytes) else str(onnx_model))
     try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        source = onnx_model if isinstance(onnx_model, bytes) else str(onnx_model)
+        sess = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{path}: onnxruntime cannot load it: {first_line(e, 200)}") from None
     worst, scale, batches = 0.0, 0.0, []
@@ -185,10 +189,10 @@ def write_onnx(model: torch.nn.Module, path: str | Path, name: str, pretrained_c
     model = _inference_mode(model)
     x, where = check_images(pretrained_cfg, images)
     program = _torch_export(model, list(pretrained_cfg["input_size"]), name)
-    program.save(str(path), external_data=False)
+    check = verify(program.model_proto.SerializeToString(), model, x, name=str(path))  # checked before written
     record = {"file": Path(path).name, "opset": OPSET, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
               "input": "input", "output": "logits", "dynamic_axes": {"input": [0], "logits": [0]},
-              "trace_batch": TRACE_BATCH, **verify(path, model, x), "images": where}
+              "trace_batch": TRACE_BATCH, **check, "images": where}
     program.model.metadata_props["sdarts"] = json.dumps({**metadata, "onnx_check": record})
     program.save(str(path), external_data=False)
     return record
