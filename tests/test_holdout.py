@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import need_data, run_cli
+from reliability_runs import retrain_cmd
 from sdarts.data.holdout import auto_per_class, split_holdout
 from sdarts.errors import DataError
 from sdarts.genotype import LITERATURE
@@ -98,12 +99,7 @@ def test_training_and_selection_never_read_a_test_image(tmp_path, monkeypatch, e
 
 
 def test_no_holdout_warns_that_the_test_set_selects(tmp_path):
-    npz = need_data("cifar10-subset", "cifar10_subset.npz")
-    out = run_cli(["launcher/retrain.py", "--config", "configs/retrain/cifar10.yaml", "--genotype", "darts_v2",
-                   "--run-dir", str(tmp_path / "r"), "--set", f"data.root={npz}", "--set", "epochs=1",
-                   "--set", "model.layers=3", "--set", "model.C=4", "--set", "data.max_per_split=40",
-                   "--set", "data.micro_batch=16", "--set", "data.holdout=0", "--set", "log.progress=false",
-                   "--set", "log.tensorboard=false"])
+    out = run_cli(retrain_cmd() + ["--run-dir", str(tmp_path / "r"), "--set", "epochs=1", "--set", "data.holdout=0"])
     assert out.returncode == 0, out.stderr[-2000:]
     assert "data.holdout 0: the checkpoint (best.pt, summary 'selected') is chosen on the eval split" in out.stderr
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -111,12 +107,7 @@ def test_no_holdout_warns_that_the_test_set_selects(tmp_path):
 
 
 def test_resume_with_another_holdout_is_refused_in_one_line(tmp_path):
-    npz = need_data("cifar10-subset", "cifar10_subset.npz")
-    args = ["launcher/retrain.py", "--config", "configs/retrain/cifar10.yaml", "--genotype", "darts_v2",
-            "--run-dir", str(tmp_path / "r"), "--set", f"data.root={npz}", "--set", "epochs=2",
-            "--set", "model.layers=3", "--set", "model.C=4", "--set", "data.max_per_split=60",
-            "--set", "data.micro_batch=16", "--set", "max_steps=1", "--set", "log.progress=false",
-            "--set", "log.tensorboard=false"]
+    args = retrain_cmd() + ["--run-dir", str(tmp_path / "r"), "--set", "max_steps=1"]  # default holdout: 1/class
     assert run_cli(args).returncode == 0
     out = run_cli(args + ["--set", "data.holdout=2", "--resume"])
     assert out.returncode == 2

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import need_data, run_cli
+from reliability_runs import retrain_cmd
 from sdarts.provenance import git_commit
 
 
@@ -37,12 +38,8 @@ def test_search_records_the_data_backend_it_used(tmp_path, backend):
 
 
 def test_retrain_records_device_precision_batch_and_commit(tmp_path):
-    npz = need_data("cifar10-subset", "cifar10_subset.npz")
-    out = run_cli(["launcher/retrain.py", "--config", "configs/retrain/cifar10.yaml", "--genotype", "darts_v2",
-                   "--run-dir", str(tmp_path / "r"), "--set", f"data.root={npz}", "--set", "epochs=1",
-                   "--set", "model.layers=3", "--set", "model.C=4", "--set", "data.max_per_split=40",
-                   "--set", "data.micro_batch=8", "--set", "engine.grad_accum=2", "--set", "optim.w.reference_batch=32",
-                   "--set", "log.progress=false", "--set", "log.tensorboard=false"])
+    out = run_cli(retrain_cmd() + ["--run-dir", str(tmp_path / "r"), "--set", "epochs=1", "--set", "data.micro_batch=8",
+                                   "--set", "engine.grad_accum=2", "--set", "optim.w.reference_batch=32"])
     assert out.returncode == 0, out.stderr[-2000:]
     p = json.loads((tmp_path / "r" / "summary.json").read_text())["run"]
     assert p["data_backend"] == "memory" and p["global_batch"] == 16
