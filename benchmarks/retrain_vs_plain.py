@@ -34,7 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from common import ROOT, SHARED_DATA, machine  # noqa: E402  (puts the repo on sys.path)
 
-from retrain.config import RetrainConfig, RetrainData, load  # noqa: E402
+from retrain.config import RetrainConfig, load  # noqa: E402
 from retrain.data import EvalLoader, build_loaders  # noqa: E402
 from retrain.model import NetworkCIFAR  # noqa: E402
 from retrain.train import run_retrain  # noqa: E402
@@ -48,17 +48,14 @@ def config(args, seed: int, n_train_split: int) -> RetrainConfig:
     over = [f"seed={seed}", f"epochs={args.epochs}", f"model.C={args.C}", f"model.layers={args.layers}",
             f"data.root={args.root}", f"data.micro_batch={args.batch}", "data.max_per_split=0",
             f"data.fraction={min(1.0, args.train / n_train_split)}", "log.progress=false",
-            "log.tensorboard=false", f"log.every_steps={10 ** 6}", "precision=fp32"]
-    if "holdout" in RetrainData.model_fields:  # both sides train on every image of the fraction
-        over.append("data.holdout=0")
+            "log.tensorboard=false", f"log.every_steps={10 ** 6}", "precision=fp32",
+            "data.holdout=0"]  # both sides train on every image of the fraction
     return load(ROOT / "configs/retrain/cifar10.yaml", over)
 
 
 def train_loader(cfg):
-    """The training loader the retrain builds (`build_loaders` returns a (train, eval) tuple or a
-    RetrainLoaders with `.train`, depending on the checkout)."""
-    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
-    return loaders.train if hasattr(loaders, "train") else loaders[0]
+    """The training loader the retrain builds."""
+    return build_loaders(cfg, 0, 1, torch.device("cpu")).train
 
 
 @torch.no_grad()
@@ -111,10 +108,8 @@ def retrain(cfg: RetrainConfig, run_dir: Path) -> tuple[torch.nn.Module, dict]:
 
 
 def own_top1(summary: dict) -> float | None:
-    """The retrain's own last-epoch eval top-1 (summary 'final', or 'last' in older checkouts)."""
-    if (summary.get("final") or {}).get("top1") is not None:
-        return summary["final"]["top1"]
-    return ((summary.get("last") or {}).get("model") or {}).get("top1")
+    """The retrain's own last-epoch eval top-1 (summary 'final')."""
+    return summary["final"]["top1"]
 
 
 def t_crit_975(df: int) -> float:

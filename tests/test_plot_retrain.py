@@ -225,7 +225,7 @@ def test_a_real_short_retrain_plots_with_its_selected_epoch_marked(tmp_path):
     for p in paths:
         assert p.read_bytes()[:8] == PNG
     summary = json.loads((run / "summary.json").read_text())
-    chosen = summary.get("selected") or summary["best"]
+    chosen = summary["selected"]
     curves = retrain_curves(run)
     assert curves.selection.epoch == chosen["epoch"] >= 1
     figs = retrain_figures(curves)

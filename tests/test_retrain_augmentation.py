@@ -25,7 +25,7 @@ from scipy import stats
 from torchvision.transforms import functional as TF
 
 from conftest import ROOT
-from retrain.config import RetrainConfig, RetrainData, load
+from retrain.config import RetrainConfig, load
 from retrain.data import build_loaders
 from sdarts.data.constants import CIFAR_MEAN, CIFAR_STD
 
@@ -40,19 +40,16 @@ def _pattern() -> np.ndarray:
 
 
 def _train_loader(cfg):
-    """The training loader the retrain builds (`build_loaders` returns a (train, eval) tuple or a
-    RetrainLoaders with `.train`, depending on the checkout)."""
-    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
-    return loaders.train if hasattr(loaders, "train") else loaders[0]
+    """The training loader the retrain builds."""
+    return build_loaders(cfg, 0, 1, torch.device("cpu")).train
 
 
 def _loader(tmp_path, cutout: int):
     x = np.broadcast_to(_pattern(), (N, 32, 32, 3)).copy()
     y = (np.arange(N) % 10).astype(np.uint8)
     np.savez(tmp_path / "pattern.npz", x_train=x, y_train=y, x_test=x[:10], y_test=y[:10])
-    over = [f"data.root={tmp_path / 'pattern.npz'}", "data.micro_batch=1024", f"data.cutout={cutout}"]
-    if "holdout" in RetrainData.model_fields:
-        over.append("data.holdout=0")
+    over = [f"data.root={tmp_path / 'pattern.npz'}", "data.micro_batch=1024", f"data.cutout={cutout}",
+            "data.holdout=0"]
     cfg: RetrainConfig = load(ROOT / "configs/retrain/cifar10.yaml", over)
     train = _train_loader(cfg)
     assert train.augment and len(train) == N // 1024

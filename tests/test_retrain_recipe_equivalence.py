@@ -65,18 +65,14 @@ def _cfg(npz, *extra: str) -> RetrainConfig:
     the test asserts it did bind)."""
     over = ["epochs=3", f"max_steps={STEPS}", "model.C=4", "model.layers=3", f"data.root={npz}",
             "data.max_per_split=60", "data.micro_batch=20", "optim.w.lr=0.2", "optim.w.grad_clip=1.0",
-            "log.progress=false", "log.tensorboard=false", "log.every_steps=1", *extra]
-    from retrain.config import RetrainData
-    if "holdout" in RetrainData.model_fields:  # both sides read build_loaders anyway; keep all 60 images
-        over.append("data.holdout=0")
+            "log.progress=false", "log.tensorboard=false", "log.every_steps=1",
+            "data.holdout=0", *extra]  # both sides read build_loaders anyway; keep all 60 images
     return load(ROOT / "configs/retrain/cifar10.yaml", over)
 
 
 def _train_loader(cfg):
-    """The training loader the retrain builds (`build_loaders` returns a (train, eval) tuple or a
-    RetrainLoaders with `.train`, depending on the checkout)."""
-    loaders = build_loaders(cfg, 0, 1, torch.device("cpu"))
-    return loaders.train if hasattr(loaders, "train") else loaders[0]
+    """The training loader the retrain builds."""
+    return build_loaders(cfg, 0, 1, torch.device("cpu")).train
 
 
 def _retrain(cfg: RetrainConfig, run_dir) -> dict:
