@@ -159,6 +159,9 @@ class RunSections(_Strict):
 
 class SearchConfig(RunSections):
     seed: int = 0
+    #: S independent searches of this config in one process (sdarts/spaces/seedstack.py), one per seed,
+    #: each exactly the search `seed: s` would run; output RUN/seed_<s>/ each. Unset: one search (`seed`)
+    seeds: Optional[list[int]] = None
     epochs: int = Field(default=50, gt=0)
     strategy: Literal["single_level", "bilevel", "bilevel_second_order", "two_batch"] = "single_level"
     space: Literal["nb201", "darts"] = "nb201"
@@ -185,7 +188,31 @@ class SearchConfig(RunSections):
                              "its convs per node)")
         if self.engine.cuda_graphs is True and self._graphs_blocked_by():
             raise ValueError(f"engine.cuda_graphs: {self._graphs_blocked_by()}")
+        if self.seeds is not None and self._seeds_blocked_by():
+            raise ValueError(f"seeds: {self._seeds_blocked_by()}")
         return self
+
+    def _seeds_blocked_by(self) -> str | None:
+        """Why these settings cannot batch seeds (None: they can): each refusal is a setting that would
+        couple the seeds or that the seed axis cannot run under."""
+        seeds = self.seeds
+        if not seeds:
+            return "needs at least one seed"
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            return f"must be distinct non-negative integers, got {seeds}"
+        if self.precision == "fp16":
+            return "fp16's loss scaler is shared, so one seed's overflow would skip every seed's step; use bf16 or fp32"
+        if self.precision == "bf16" and not self.engine.autocast:
+            return "bf16 needs engine.autocast true (DeepSpeed's bf16 optimizer flattens the seed axis away)"
+        if self.engine.zero_stage != 0:
+            return "needs engine.zero_stage 0 (ZeRO partitions flatten the seed axis away)"
+        if self.model.checkpoint_cells:
+            return "model.checkpoint_cells cannot run inside the seed axis (vmap); turn one off"
+        return None
+
+    def lone(self, seed: int) -> "SearchConfig":
+        """The config of the one search `seed` of a batched run would be on its own."""
+        return self.model_copy(update={"seed": seed, "seeds": None})
 
     def _graphs_blocked_by(self) -> str | None:
         """Why these settings cannot record the step as CUDA graphs (None: they can)."""

@@ -15,7 +15,9 @@ calls `step()` with no arguments, so `engine.step(groups)` scopes the groups nam
 its one `ds_engine.step()` (`optimizer.updating(groups)`): single-level updates both from one backward;
 bi-level phases update only the group they own. Gradient clipping applies to the `w` group only
 (alpha's gradients are not clipped, as in DARTS); under ZeRO 1/2 each rank holds a partition of the
-gradients, so the norm is all-reduced.
+gradients, so the norm is all-reduced. With stacked seeds (`SeedStack`, `seeds: [...]`) every parameter
+holds S searches' along dim 0 and the clip norm is each seed's own; SGD and Adam are elementwise, so
+the rest of the update is per seed as it stands.
 
 Names, everywhere: `engine` is a `SearchEngine`, `engine.ds_engine` the DeepSpeed engine inside it,
 `engine.optimizer` the `CombinedOptimizer`, `engine.module` the supernet. Checkpoints are
@@ -32,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from sdarts.config import SearchConfig
+from sdarts.errors import NumericalFault
 
 
 class SearchEngine:
@@ -42,12 +45,16 @@ class SearchEngine:
         check_precision(cfg.precision, device)
         o = cfg.optim
         self.cfg = cfg
+        #: S stacked searches (`SeedStack`), or 0 for one search
+        self.seeds = len(cfg.seeds) if cfg.seeds else 0
+        #: seed index -> the numerical fault that ended that seed's search (stacked seeds only)
+        self.faults: dict[int, str] = {}
         self.optimizer = CombinedOptimizer(
             model.get_weights(), model.get_alphas(), w_lr=o.w.lr, w_momentum=o.w.momentum,
             w_weight_decay=o.w.weight_decay, w_nesterov=o.w.nesterov, alpha_rule=o.alpha.optimizer,
             alpha_lr=o.alpha.lr, alpha_betas=o.alpha.betas, alpha_eps=o.alpha.eps,
             alpha_momentum=o.alpha.momentum, alpha_weight_decay=o.alpha.weight_decay, grad_clip=o.w.grad_clip,
-            partitioned=cfg.engine.zero_stage > 0)
+            partitioned=cfg.engine.zero_stage > 0, seeds=len(cfg.seeds) if cfg.seeds else 0)
         self.ds_config = ds_config(cfg.data.micro_batch, cfg.engine.grad_accum, world, cfg.precision,
                                    cfg.engine.autocast, cfg.engine.zero_stage)
         # DeepSpeed broadcasts parameters as flat byte views, which NHWC (channels_last) weights cannot
@@ -101,6 +108,20 @@ class SearchEngine:
         with self.optimizer.updating(groups):
             self.ds_engine.step()
 
+    def check_finite(self, per_search: torch.Tensor, what: str) -> None:
+        """A NaN/inf loss ends its search: one search raises `NumericalFault`; with stacked seeds the
+        seed is recorded in `faults` (its parameters are its own, so the others go on) and the fault
+        is raised only once every seed has one."""
+        if bool(torch.isfinite(per_search).all()):
+            return
+        if not self.seeds:
+            raise NumericalFault(f"non-finite loss ({float(per_search)}) in {what}")
+        for k, v in enumerate(per_search.detach().float().tolist()):
+            if not math.isfinite(v) and k not in self.faults:
+                self.faults[k] = f"non-finite loss ({v}) in {what}"
+        if len(self.faults) == self.seeds:
+            raise NumericalFault(f"every seed's loss is non-finite ({'; '.join(self.faults.values())})")
+
     def set_epoch_lr(self, epoch: int) -> None:
         w = self.cfg.optim.w
         lr = cosine_lr(w.lr, w.lr_min, epoch, self.cfg.epochs) if w.schedule == "cosine" else w.lr
@@ -119,7 +140,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def __init__(self, weights, alphas, *, w_lr: float, w_momentum: float, w_weight_decay: float,
                  w_nesterov: bool, alpha_rule: str, alpha_lr: float, alpha_betas=(0.5, 0.999),
                  alpha_eps: float = 1e-8, alpha_momentum: float = 0.9, alpha_weight_decay: float = 0.0,
-                 grad_clip: float = 0.0, partitioned: bool = False):
+                 grad_clip: float = 0.0, partitioned: bool = False, seeds: int = 0):
         if alpha_rule not in ("adam", "sgd"):
             raise ValueError(f"optim.alpha.optimizer must be adam or sgd, got {alpha_rule!r}")
         groups = [
@@ -131,6 +152,8 @@ class CombinedOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults=dict(lr=w_lr))
         self.grad_clip = grad_clip
         self.partitioned = partitioned  # ZeRO 1/2: each rank holds a partition of the gradients
+        #: S > 0: every parameter is S searches' stacked along dim 0 (`SeedStack`); clipping is per seed
+        self.seeds = seeds
         self._groups: frozenset[str] = ALL_GROUPS
         self.last_grad_norm: float | None = None
 
@@ -155,9 +178,18 @@ class CombinedOptimizer(torch.optim.Optimizer):
         return next(g["lr"] for g in self.param_groups if g["tag"] == tag)
 
     def _clip_coef(self, group, grads: list[torch.Tensor]) -> torch.Tensor | None:
-        """Clip coefficient for the w group as a device tensor (no host sync on the step's hot path)."""
-        norms = torch._foreach_norm([g.float() for g in grads] if grads[0].dtype != torch.float32 else grads)
-        sq = torch.stack([n * n for n in norms]).sum() if len(norms) > 1 else norms[0] ** 2
+        """Clip coefficient for the w group as a device tensor (no host sync on the step's hot path):
+        a scalar, or one per seed ([S]) when the parameters are stacked seeds."""
+        grads = [g.float() for g in grads] if grads[0].dtype in (torch.float16, torch.bfloat16) else grads
+        S = self.seeds
+        if S:  # each seed's own global norm: the norms of every tensor's S slices in one foreach op
+            if any(g.dim() == 0 or g.shape[0] != S for g in grads):
+                raise RuntimeError(f"per-seed clipping needs every gradient stacked along dim 0 ({S} seeds)")
+            norms = torch._foreach_norm([g[k] for g in grads for k in range(S)])
+            sq = (torch.stack(norms) ** 2).view(len(grads), S).sum(0)
+        else:
+            norms = torch._foreach_norm(grads)
+            sq = torch.stack([n * n for n in norms]).sum() if len(norms) > 1 else norms[0] ** 2
         if self.partitioned and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sq)
         norm = sq.sqrt()
@@ -167,6 +199,11 @@ class CombinedOptimizer(torch.optim.Optimizer):
         coef = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         # a non-finite norm leaves the gradients as they are (fp16 overflow is handled by the loss scaler)
         return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+
+    def _clip(self, grads: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
+        if not self.seeds:
+            return torch._foreach_mul(grads, coef.to(grads[0].dtype))
+        return [g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for g in grads]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -181,7 +218,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
             if group["tag"] == "w":
                 coef = self._clip_coef(group, grads)
                 if coef is not None:
-                    grads = torch._foreach_mul(grads, coef.to(grads[0].dtype))
+                    grads = self._clip(grads, coef)
             if group["rule"] == "sgd":
                 self._sgd(group, params, grads)
             else:

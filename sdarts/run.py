@@ -144,12 +144,17 @@ class Run:
         return NumericalFault(f"step {self.step + 1} (epoch {epoch + 1}): {what}; last good checkpoint: {last} "
                               f"(--resume continues from it; consider a lower optim.w.lr)")
 
-    def finish(self, summary: dict, write: bool = True) -> dict:
-        """The summary plus wall time, mean images/s and skipped samples; rank 0 writes summary.json."""
+    def totals(self) -> dict:
+        """What every summary.json ends with: world size, wall time, mean images/s, skipped samples and
+        the provenance (`record_provenance`)."""
         ips = [m["images_per_s"] for m in self.metrics.read() if m.get("images_per_s")]
-        summary = summary | {"world_size": self.world, "wall_time_s": time.time() - self.t_start,
-                             "images_per_s": sum(ips) / len(ips) if ips else None,
-                             "skipped_samples": len(self.skipped), "run": self.provenance}
+        return {"world_size": self.world, "wall_time_s": time.time() - self.t_start,
+                "images_per_s": sum(ips) / len(ips) if ips else None,
+                "skipped_samples": len(self.skipped), "run": self.provenance}
+
+    def finish(self, summary: dict, write: bool = True) -> dict:
+        """The summary plus `totals()`; rank 0 writes summary.json."""
+        summary = summary | self.totals()
         if write and self.is_main:
             atomic_write(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         barrier()

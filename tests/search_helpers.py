@@ -1,6 +1,8 @@
 """Builders for in-process search tests (a real DeepSpeed engine on CPU/gloo, one rank)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from sdarts.config import SearchConfig, build
@@ -21,7 +23,7 @@ TINY = {
 
 def tiny_cfg(**over) -> SearchConfig:
     overrides = [f"{k}={v}" for k, v in over.items()]
-    return build(SearchConfig, dict(TINY), overrides)
+    return build(SearchConfig, copy.deepcopy(TINY), overrides)  # a deep copy: overrides write into nested dicts
 
 
 def make(cfg: SearchConfig):

@@ -76,6 +76,11 @@ class SearchAnalysis:
                 return x.to(dtype), y
         raise RuntimeError("analysis: the step's sample ids are in neither search split")
 
+    def due(self, step: int) -> bool:
+        """Whether `maybe_log(step, ...)` will compute anything."""
+        return self.enabled and bool((self.corr_every and step % self.corr_every == 0)
+                                     or (self.p_every and step % self.p_every == 0))
+
     def maybe_log(self, step: int, epoch: int, res) -> None:
         """Logs what is due at `step` (the step just taken); a no-op when analysis is off."""
         if not self.enabled:

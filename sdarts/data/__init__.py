@@ -15,7 +15,15 @@ from sdarts.data.stream import StreamLoader
 from sdarts.errors import DataError
 
 __all__ = ["Batch", "Split", "StreamLoader", "TensorLoader", "build_image_loader",
-           "build_search_loaders", "search_splits"]
+           "build_search_loaders", "search_splits", "shared_splits"]
+
+
+def shared_splits(cfg: DataConfig, num_classes: int, skipped: list | None = None) -> tuple[Split, Split] | None:
+    """The in-memory halves every seed's search reads the same (None where they stream from disk or,
+    synthetic, depend on the seed)."""
+    if _streams(cfg) or cfg.dataset == "synthetic":
+        return None
+    return search_splits(cfg, num_classes, 0, skipped)
 
 
 def search_splits(cfg: DataConfig, num_classes: int, seed: int, skipped: list | None = None
@@ -62,10 +70,13 @@ def stream_search_loaders(cfg: DataConfig, seed: int, rank: int, world: int, dev
 
 
 def build_search_loaders(cfg: DataConfig, num_classes: int, seed: int, rank: int, world: int, accum: int,
-                         device: str, skipped: list | None = None) -> tuple[TensorLoader, TensorLoader]:
+                         device: str, skipped: list | None = None,
+                         splits: tuple[Split, Split] | None = None) -> tuple[TensorLoader, TensorLoader]:
+    """`splits`: the in-memory halves, when the caller already has them (searches of several seeds
+    share one copy of the images; only the synthetic data depends on the seed)."""
     if _streams(cfg):
         return stream_search_loaders(cfg, seed, rank, world, device, skipped)
-    train, valid = search_splits(cfg, num_classes, seed, skipped)
+    train, valid = splits if splits is not None else search_splits(cfg, num_classes, seed, skipped)
     common = dict(micro_batch=cfg.micro_batch, rank=rank, world=world, accum=accum, seed=seed,
                   augment=cfg.augment, device=device)
     if cfg.dataset == "digits":

@@ -9,6 +9,11 @@
 - `two_batch` (the paper's Table 4 middle row): like bilevel, but both batches come from the same
   training subset, isolating "different batch" from "different data".
 
+With `seeds: [...]` the supernet is a `SeedStack` and every batch carries a leading seed axis: the loss
+is each seed's mean cross-entropy, summed (parameters are disjoint per seed, so each seed's gradient is
+its own), loss and accuracy are per seed ([S]), and the second-order finite-difference step is scaled
+by each seed's own gradient norm.
+
 Every update is `update(engine, batch, groups)`: forward, loss, backward, then `engine.step(groups)`,
 which updates exactly the parameter groups named at the call ("w", "alpha"). A step consumes `accum`
 micro-batches per phase; `engine.step` only updates at the accumulation boundary, so every phase is a
@@ -24,7 +29,6 @@ import torch.nn.functional as F
 
 from sdarts.data import Batch
 from sdarts.engine import SearchEngine
-from sdarts.errors import NumericalFault
 
 W, ALPHA, BOTH = frozenset({"w"}), frozenset({"alpha"}), frozenset({"w", "alpha"})
 
@@ -32,27 +36,44 @@ W, ALPHA, BOTH = frozenset({"w"}), frozenset({"alpha"}), frozenset({"w", "alpha"
 @dataclass
 class StepResult:
     """Loss and accuracy stay device tensors: reading them forces a host sync, so the loop does it only
-    when it logs."""
+    when it logs. With stacked seeds each is [S] and the ids are [S, B]; `seed(k)` is seed k's part."""
     loss: torch.Tensor
     acc: torch.Tensor
     images: int
     alpha_ids: list[torch.Tensor]  # sample ids of the batches alpha's update came from
     w_ids: list[torch.Tensor]      # ... and w's
 
+    def seed(self, k: int) -> "StepResult":
+        return StepResult(self.loss[k], self.acc[k], self.images // len(self.loss), [i[k] for i in self.alpha_ids],
+                          [i[k] for i in self.w_ids])
+
+
+def search_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss to backward, the loss of each search): cross-entropy, or with stacked seeds (logits
+    [S, B, classes]) each seed's mean over its own batch, summed."""
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the loss in fp32 (float64 stays float64)
+        logits = logits.float()
+    if logits.dim() == 2:
+        loss = F.cross_entropy(logits, y)
+        return loss, loss
+    per_seed = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape).mean(1)
+    return per_seed.sum(), per_seed
+
 
 def update(engine: SearchEngine, batch: Batch, groups: frozenset[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-batch: forward, cross-entropy, backward, and `engine.step(groups)`. Returns the
     (detached) loss and accuracy."""
     logits = engine.forward(batch.x)
-    loss = F.cross_entropy(logits.float(), batch.y)
+    loss, per_search = search_loss(logits, batch.y)
     # fp16 runs leave overflow to the loss scaler, which skips the whole step (w and alpha) and counts it;
-    # elsewhere a NaN/inf loss stops the run before backward, so alpha never learns from it
-    if engine.cfg.precision != "fp16" and not torch.isfinite(loss):
-        raise NumericalFault(f"non-finite loss ({float(loss.detach())}) in an {'+'.join(sorted(groups))} update")
+    # elsewhere a NaN/inf loss stops the search before backward, so alpha never learns from it (with
+    # stacked seeds: that seed's search; the others go on, `SearchEngine.check_finite`)
+    if engine.cfg.precision != "fp16":
+        engine.check_finite(per_search, f"an {'+'.join(sorted(groups))} update")
     engine.backward(loss)
     engine.step(groups)
-    acc = (logits.detach().argmax(1) == batch.y).float().mean()
-    return loss.detach(), acc
+    acc = (logits.detach().argmax(-1) == batch.y).float().mean(-1)
+    return per_search.detach(), acc
 
 
 def update_accumulated(engine: SearchEngine, batches: Iterator[Batch], accum: int, groups: frozenset[str]
@@ -69,7 +90,7 @@ def update_accumulated(engine: SearchEngine, batches: Iterator[Batch], accum: in
 
 
 def _mean(xs: list[torch.Tensor]) -> torch.Tensor:
-    return xs[0] if len(xs) == 1 else torch.stack(xs).mean()
+    return xs[0] if len(xs) == 1 else torch.stack(xs).mean(0)
 
 
 class SingleLevel:
@@ -149,20 +170,32 @@ class BilevelSecondOrder:
                 w.sub_(xi * d)
         grads = _grads(self._loss(bv), alphas + weights)
         d_alpha, d_w = grads[:len(alphas)], grads[len(alphas):]
-        eps = self.eps_scale / (torch.cat([g.flatten() for g in d_w]).norm() + 1e-12)
+        eps = self.eps_scale / (_norm(d_w, self.engine.seeds) + 1e-12)  # [S] with stacked seeds
         hv = []
         for sign in (1.0, -1.0):
             with torch.no_grad():
                 for w, b0, g in zip(weights, backup, d_w):
-                    w.copy_(b0 + sign * eps * g)
+                    w.copy_(b0 + sign * _per_seed(eps, g) * g)
             hv.append(_grads(self._loss(bt), alphas))
         with torch.no_grad():
             for w, b0 in zip(weights, backup):
                 w.copy_(b0)
-        return [da - xi * (p - m) / (2 * eps) for da, p, m in zip(d_alpha, hv[0], hv[1])]
+        return [da - xi * (p - m) / (2 * _per_seed(eps, da)) for da, p, m in zip(d_alpha, hv[0], hv[1])]
 
     def _loss(self, b: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.engine.module(b.x), b.y)
+        return search_loss(self.engine.module(b.x), b.y)[0]
+
+
+def _norm(grads: list[torch.Tensor], seeds: int) -> torch.Tensor:
+    """The global norm of `grads`, or each seed's ([S]) when they are stacked seeds."""
+    if not seeds:
+        return torch.cat([g.flatten() for g in grads]).norm()
+    return torch.cat([g.reshape(seeds, -1) for g in grads], 1).norm(dim=1)
+
+
+def _per_seed(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`v` (a scalar, or one value per seed) shaped to scale `like` seed by seed."""
+    return v if v.dim() == 0 else v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _grads(loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,4 +1,5 @@
-"""`build_supernet(cfg)`: the supernet (with its alpha) for `cfg.space` and `cfg.model.impl`."""
+"""`build_supernet(cfg)`: the supernet (with its alpha) for `cfg.space` and `cfg.model.impl`; with
+`cfg.seeds`, the `SeedStack` of one such supernet per seed, each initialised as its lone search's."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -10,6 +11,19 @@ if TYPE_CHECKING:  # importing a submodule (candidates: op names only) must not 
 
 
 def build_supernet(cfg: SearchConfig) -> torch.nn.Module:
+    if cfg.seeds is not None:
+        import torch
+
+        from sdarts.spaces.seedstack import SeedStack
+        nets = []
+        for s in cfg.seeds:
+            torch.manual_seed(s)  # what `Run.prepare` does before a lone search builds its supernet
+            nets.append(_build_one(cfg.lone(s)))
+        return SeedStack(nets)
+    return _build_one(cfg)
+
+
+def _build_one(cfg: SearchConfig) -> torch.nn.Module:
     import torch
     # alpha noise from its own generator so it does not depend on how many weights were initialised
     g = torch.Generator().manual_seed(cfg.seed + 1)

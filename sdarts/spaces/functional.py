@@ -94,7 +94,7 @@ def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.d
 
 def avg_pool_3x3(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """3x3 average pooling, padding 1, count_include_pad=False (NB201's and DARTS' avg_pool_3x3)."""
-    if x.device.type != "cpu" or _is_nhwc(x):  # NHWC pooling kernels are fast; NCHW ones are not
+    if x.device.type != "cpu" or mapped(x) or _is_nhwc(x):  # NHWC pooling kernels are fast; NCHW not
         return F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
     C = x.shape[1]
     kernel = torch.ones(C, 1, 3, 3, dtype=x.dtype, device=x.device)
@@ -120,8 +120,14 @@ def weighted_mix(frees: list[torch.Tensor], w: torch.Tensor) -> list[torch.Tenso
     return [t.permute(from_mem) for t in out.unbind(0)]
 
 
+def mapped(x: torch.Tensor) -> bool:
+    """True for a tensor inside `torch.func.vmap` (the seed axis of `SeedStack`): its memory layout
+    cannot be queried there, and the layout choices below are left to the batching rules."""
+    return torch._C._functorch.is_batchedtensor(x)
+
+
 def _is_nhwc(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return not mapped(x) and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -142,7 +148,7 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
     slice of its gradient, and in the fused cell that slice flows straight into BN and conv backward
     (no `w * out` multiply in between to make it dense), where oneDNN then takes a slow path
     (measured: BN backward 1.5x, conv backward 1.15x slower). One copy per node is cheaper."""
-    return _DenseGrad.apply(x) if torch.is_grad_enabled() and x.requires_grad else x
+    return _DenseGrad.apply(x) if torch.is_grad_enabled() and x.requires_grad and not mapped(x) else x
 
 
 @contextlib.contextmanager

@@ -1,0 +1,74 @@
+"""Stacked seeds (`seeds: [...]`, sdarts/spaces/seedstack.py): S searches in one supernet give, seed by
+seed, what S separate searches give. Checked in float64 on tiny supernets of both spaces, through the
+real engine and strategies (DeepSpeed on CPU), for single_level, bilevel and bilevel_second_order."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sdarts.data import Batch, build_search_loaders
+from sdarts.distributed import init
+from sdarts.engine import SearchEngine
+from sdarts.search.strategies import make_strategy
+from sdarts.spaces.build import build_supernet
+from search_helpers import tiny_cfg
+
+SEEDS = [3, 0, 7]
+DARTS = {"space": "darts", "model.C": 4, "model.layers": 3, "model.impl": "grouped"}
+STEPS = 3
+
+
+@pytest.fixture(autouse=True)
+def _float64_grads(monkeypatch):
+    """DeepSpeed's CPU accelerator lists the dtypes it all-reduces (fp32/bf16/fp16) and asserts on any
+    other; gloo reduces float64 fine, so the list gains float64 for these tests. Nothing else changes."""
+    from deepspeed.accelerator import get_accelerator
+    acc = get_accelerator()
+    listed = acc.supported_dtypes()
+    monkeypatch.setattr(acc, "supported_dtypes", lambda: listed + [torch.float64])
+
+
+def _double(batches):
+    for b in batches:
+        yield dataclasses.replace(b, x=b.x.double())
+
+
+def _stack(iters):
+    for bs in zip(*iters):
+        yield Batch(torch.stack([b.x for b in bs]), torch.stack([b.y for b in bs]), torch.stack([b.ids for b in bs]))
+
+
+def _search(cfg, seeds):
+    """STEPS strategy steps of `cfg` in float64; returns the module. `seeds`: lone (one seed) or stacked."""
+    rank, _, world, device = init("cpu")
+    torch.manual_seed(cfg.seed)
+    model = build_supernet(cfg).double()
+    engine = SearchEngine(cfg, model, world, device)
+    engine.set_epoch_lr(0)
+    strategy = make_strategy(cfg.strategy, engine, 1)
+    loaders = [build_search_loaders(cfg.data, cfg.model.num_classes, s, rank, world, 1, "cpu") for s in seeds]
+    if cfg.seeds is None:
+        tr, va = iter(loaders[0][0]), loaders[0][1].cycle()
+    else:
+        tr, va = _stack([iter(t) for t, _ in loaders]), _stack([v.cycle() for _, v in loaders])
+    tr, va = _double(tr), _double(va)
+    losses = [strategy.step(tr, va).loss for _ in range(STEPS)]
+    return engine.module, losses
+
+
+@pytest.mark.parametrize("space", ["nb201", "darts"])
+@pytest.mark.parametrize("strategy", ["single_level", "bilevel", "bilevel_second_order"])
+def test_stacked_seeds_equal_separate_searches_float64(space, strategy):
+    over = {"strategy": strategy, "optim.w.grad_clip": 0.05, **(DARTS if space == "darts" else {})}
+    stacked, s_losses = _search(tiny_cfg(**over, seeds=SEEDS), SEEDS)
+    for k, seed in enumerate(SEEDS):
+        lone, l_losses = _search(tiny_cfg(**over, seed=seed), [seed])
+        view = stacked.seed_net(k)
+        for (name, a), b in zip(lone.named_parameters(), view.parameters()):
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), f"seed {seed}: {name} differs"
+        for (name, a), b in zip(lone.named_buffers(), view.buffers()):
+            assert torch.allclose(a.double(), b.double(), rtol=1e-9, atol=1e-11), f"seed {seed}: buffer {name}"
+        assert [float(x) for x in l_losses] == pytest.approx([float(x[k]) for x in s_losses], rel=1e-10)
+        assert str(lone.genotype()) == str(stacked.genotype(k))
