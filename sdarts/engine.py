@@ -115,7 +115,7 @@ class SearchEngine:
         if bool(torch.isfinite(per_search).all()):
             return
         if not self.seeds:
-            raise NumericalFault(f"non-finite loss ({float(per_search)}) in {what}")
+            raise NumericalFault(f"non-finite loss ({float(per_search.detach())}) in {what}")
         for k, v in enumerate(per_search.detach().float().tolist()):
             if not math.isfinite(v) and k not in self.faults:
                 self.faults[k] = f"non-finite loss ({v}) in {what}"

@@ -22,7 +22,7 @@ tensors kept for backward (measured in docs/performance.md):
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -77,8 +77,55 @@ def _batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, weight: to
             factor = 1.0 / float(bn.num_batches_tracked)
     use_batch_stats = bn.training or bn.running_mean is None
     track = not bn.training or bn.track_running_stats
-    return F.batch_norm(x, bn.running_mean if track else None, bn.running_var if track else None,
-                        weight, bias, use_batch_stats, factor, bn.eps)
+    rm, rv = (bn.running_mean, bn.running_var) if track else (None, None)
+    if mapped(x):
+        return seed_batch_norm(x, weight, bias, rm, rv, use_batch_stats, factor, bn.eps)
+    return F.batch_norm(x, rm, rv, weight, bias, use_batch_stats, factor, bn.eps)
+
+
+@torch.library.custom_op("sdarts::seed_batch_norm", mutates_args=())
+def seed_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
+                    momentum: float, eps: float) -> torch.Tensor:
+    """`F.batch_norm` over stacked seeds, for `_batch_norm` inside the `SeedStack` vmap only (below).
+
+    Why: vmap's own batching rule for batch_norm runs BN with a dummy weight and bias, then applies the
+    per-seed weight as separate multiplies forward and backward: 8 more kernels per BN (the NB201 fused
+    supernet has ~100 weighted BNs). Folding the seed axis into the channels instead gives one BN over
+    S x C channels with the stacked weight as its affine weight: the same arithmetic, per channel, and
+    the same kernels as one search."""
+    raise RuntimeError("sdarts::seed_batch_norm runs inside SeedStack's vmap only")
+
+
+@seed_batch_norm.register_vmap
+def _seed_batch_norm_folded(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """The vmap rule: [.., S, C, ..] -> [B, S*C, ...]; running statistics are views of the stacked
+    buffers, so BN's in-place update lands in every seed's own slice (hence `mutates_args=()`: the op
+    body never runs; this rule mutates the physical buffers exactly as F.batch_norm mutates its own)."""
+    xd, wd, bd, md, vd = in_dims[:5]
+    xp = x.movedim(xd, 1)
+    B, S, C, rest = xp.shape[0], xp.shape[1], xp.shape[2], xp.shape[3:]
+
+    def fold(t, d):
+        if t is None:
+            return None
+        if d is None:
+            return t.repeat(S)
+        return t.movedim(d, 0).reshape(-1)
+
+    def stats(t, d):
+        if t is None:
+            return None
+        if d is None:
+            raise RuntimeError("seed_batch_norm: running statistics must be stacked per seed")
+        t = t.movedim(d, 0)
+        if not t.is_contiguous():
+            raise RuntimeError("seed_batch_norm: stacked running statistics must be contiguous")
+        return t.view(-1)
+
+    out = F.batch_norm(xp.reshape(B, S * C, *rest), stats(running_mean, md), stats(running_var, vd),
+                       fold(weight, wd), fold(bias, bd), training, momentum, eps)
+    return out.view(B, S, C, *rest), 1
 
 
 def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
