@@ -6,22 +6,41 @@ reported in the paper's table form.
         --variants single_level:softmax,single_level:sigmoid,bilevel:softmax --lrs 0.025 \\
         --alpha-optimizers sgd --seeds 0,1,2 --workers 2
 
-Each grid cell is one `launcher/search.py` process writing `RESULTS/runs/<name>/` (the search loop
-writes each epoch's NB201 scores as it goes) and `RESULTS/logs/<name>.log`. A cell whose run holds a
-`summary.json` is finished and never rerun; one with a checkpoint resumes from it (`--resume`); any
-other is started afresh (`--force`). So a killed grid continues where it stopped.
+A grid cell is one (variant x lr x alpha optimizer); each of its seeds is one search, named
+`<strategy>-<activation>-<alpha optimizer>-lr<lr>-s<seed>` in every table and file of the report.
+By default a cell's seeds run batched: one `launcher/search.py` process trains them all in one
+supernet (`--set seeds=[...]`, sdarts/search/seedruns.py) in `RESULTS/runs/<cell>/`, whose
+`seed_<s>/` is each seed's complete run directory, logging to `RESULTS/logs/<cell>.log`.
+`--no-batch-seeds` runs one process per seed instead, in `RESULTS/runs/<cell>-s<seed>/`
+(`RESULTS/logs/<cell>-s<seed>.log`). Either way the search loop writes each epoch's NB201 scores as
+it goes.
+
+Resume: a seed whose run directory (batched: its `seed_<s>/`) holds a `summary.json` is finished and
+never rerun, whichever mode ran it. The unfinished seeds of a cell form its process: a run directory
+with a checkpoint resumes from it (`--resume`), any other is started afresh (`--force`). So a killed
+grid continues where it stopped. A batch directory belongs to its seed list: when the unfinished
+seeds of a cell are not the list `runs/<cell>/` was started with (seeds added to `--seeds`, or a
+batch cut between its seeds' summaries), they run in `runs/<cell>+s<s1>-<s2>.../`; finished seeds are
+never touched.
+
+A batched seed whose loss went non-finite stops alone (the others go on); its summary.json records
+the `numerical_fault`. It counts as failed: left out of the table's groups, listed under "Failed
+searches" in table.md and under `failed` in results.json, and not rerun (delete its `seed_<s>/` to
+try it again). A lone search with a non-finite loss fails its process, as any crashed search does.
 
 Learning rates follow the paper's Table 5 protocol: `--lrs` sets w's lr, and with `--alpha-optimizers
 sgd` alpha's lr too; with `adam`, alpha keeps the config's lr (3e-4) unless `--alpha-lr` is given.
 
-For a one-shot GPU session: `--device cuda --workers N` runs N searches at once on the one GPU and
-`--deadline-s S` stops everything S seconds after the start (SIGTERM: each search checkpoints at its
-next step and exits), then writes the table from whatever was scored, unfinished runs marked partial.
-The table is also rewritten after every finished run: `RESULTS/table.md`, `RESULTS/results.json`
-(groups, per-run trajectories, worst accuracy over the second half), `RESULTS/status.json`, and
-`RESULTS/trajectories.png` when matplotlib is present.
+For a one-shot GPU session: `--device cuda --workers N` runs N search processes at once on the one
+GPU and `--deadline-s S` stops everything S seconds after the start (SIGTERM: each search checkpoints
+at its next step and exits), then writes the table from whatever was scored, unfinished runs marked
+partial. The table is also rewritten after every finished process: `RESULTS/table.md`,
+`RESULTS/results.json` (groups, per-search trajectories, worst accuracy over the second half, failed
+searches), `RESULTS/status.json` (per search: state, its process's rc/wall time/log, its directory),
+and `RESULTS/trajectories.png` when matplotlib is present.
 
-Exit code: 0 all cells finished, 1 some failed, 124 stopped by the deadline or a signal, 2 bad input.
+Exit code: 0 all searches finished, 1 some failed (a crashed process, a numerical fault), 124 stopped
+by the deadline or a signal, 2 bad input.
 """
 from __future__ import annotations
 
@@ -34,6 +53,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,19 +70,52 @@ class GridError(ValueError):
 
 
 @dataclass
-class Cell:
+class Search:
+    """One seed of one grid cell: its name in the report, the overrides of its lone search, and the
+    run directory holding its files (lone: `runs/<name>/`; batched: `runs/<batch>/seed_<s>/`)."""
+    name: str
+    cell: str
+    seed: int
+    overrides: list[str]   # the lone search (seed=<s>)
+    dir: Path
+    state: str = "pending"   # pending | running | done | failed | stopped
+    fault: str | None = None  # the numerical fault in its summary.json (a batched seed)
+    job: "Job | None" = field(default=None, repr=False)
+
+    def finished(self) -> bool:
+        return (self.dir / "summary.json").exists()
+
+    def settle(self) -> None:
+        """done / failed from a finished search's summary (a numerical fault is a failure)."""
+        self.fault = json.loads((self.dir / "summary.json").read_text()).get("numerical_fault")
+        self.state = "failed" if self.fault else "done"
+
+
+@dataclass
+class Job:
+    """One search process: a cell's unfinished seeds batched (`seeds=[...]`), or one lone seed."""
     name: str
     overrides: list[str]
     run_dir: Path
     log: Path
+    searches: list[Search]
     state: str = "pending"   # pending | running | done | failed | stopped
     rc: int | None = None
     started: float | None = None
     wall_s: float | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
-    def finished(self) -> bool:
-        return (self.run_dir / "summary.json").exists()
+    def ended(self, stopped: bool) -> None:
+        """After the process exited: each search done/failed from its summary; an unfinished one is
+        stopped (we signalled it) or failed (it died on its own)."""
+        self.rc, self.wall_s = self.proc.returncode, time.time() - self.started
+        for s in self.searches:
+            if s.finished():
+                s.settle()
+            else:
+                s.state = "stopped" if stopped else "failed"
+        states = {s.state for s in self.searches}
+        self.state = "done" if states == {"done"} else "failed" if "failed" in states else "stopped"
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -78,7 +132,8 @@ def _ints(text: str, what: str) -> list[int]:
         raise GridError(f"{what}: expected comma-separated integers, got {text!r}") from None
 
 
-def build_grid(args) -> list[Cell]:
+def cells_of(args) -> list[tuple[str, list[str], list[int]]]:
+    """The grid's cells: (name, overrides without the seed, seeds)."""
     variants = []
     for v in args.variants.split(","):
         strat, _, act = v.strip().partition(":")
@@ -95,24 +150,87 @@ def build_grid(args) -> list[Cell]:
     lrs, seeds = _floats(args.lrs, "--lrs"), _ints(args.seeds, "--seeds")
     if not (variants and aopts and lrs and seeds):
         raise GridError("the grid is empty: give at least one variant, alpha optimizer, lr and seed")
-    results = Path(args.results)
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise GridError(f"--seeds: expected distinct non-negative integers, got {args.seeds!r}")
+    for ov in args.overrides:
+        if ov.split("=", 1)[0].strip() in ("seed", "seeds"):
+            raise GridError(f"--set {ov}: the grid sets the seeds; use --seeds")
     cells = []
     for strat, act in variants:
         for aopt in aopts:
             for lr in lrs:
-                for seed in seeds:
-                    name = f"{strat}-{act}-{aopt}-lr{lr:g}-s{seed}"
-                    ov = [f"strategy={strat}", f"arch.activation={act}", f"optim.w.lr={lr!r}",
-                          f"optim.alpha.optimizer={aopt}", f"seed={seed}"]
-                    if aopt == "sgd":
-                        ov.append(f"optim.alpha.lr={args.alpha_lr if args.alpha_lr else lr!r}")
-                    elif args.alpha_lr:
-                        ov.append(f"optim.alpha.lr={args.alpha_lr}")
-                    if args.device != "auto":
-                        ov.append(f"engine.device={args.device}")
-                    ov += list(args.overrides)
-                    cells.append(Cell(name, ov, results / "runs" / name, results / "logs" / f"{name}.log"))
+                ov = [f"strategy={strat}", f"arch.activation={act}", f"optim.w.lr={lr!r}",
+                      f"optim.alpha.optimizer={aopt}"]
+                if aopt == "sgd":
+                    ov.append(f"optim.alpha.lr={args.alpha_lr if args.alpha_lr else lr!r}")
+                elif args.alpha_lr:
+                    ov.append(f"optim.alpha.lr={args.alpha_lr}")
+                if args.device != "auto":
+                    ov.append(f"engine.device={args.device}")
+                cells.append((f"{strat}-{act}-{aopt}-lr{lr:g}", ov, seeds))
     return cells
+
+
+def build_grid(args) -> list[Search]:
+    """Every search of the grid, each in its lone run directory (`plan` moves batched ones)."""
+    runs = Path(args.results) / "runs"
+    return [Search(f"{cell}-s{s}", cell, s, ov + [f"seed={s}"] + list(args.overrides), runs / f"{cell}-s{s}")
+            for cell, ov, seeds in cells_of(args) for s in seeds]
+
+
+def _batch_dirs(runs: Path, cell: str) -> list[Path]:
+    """The batch directories a cell may have: `runs/<cell>/`, then `runs/<cell>+s.../`."""
+    extra = sorted(d for d in runs.iterdir() if d.name.startswith(f"{cell}+s")) if runs.is_dir() else []
+    return [runs / cell] + extra
+
+
+def _batch_seeds(d: Path) -> list[int] | None:
+    """The seed list a batch directory was started with (None: nothing started there yet)."""
+    try:
+        return yaml.safe_load((d / "config.yaml").read_text()).get("seeds")
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
+
+
+def _free(d: Path) -> bool:
+    return not d.exists() or (_batch_seeds(d) is None and not any(d.glob("seed_*/summary.json")))
+
+
+def plan(searches: list[Search], args, batch: bool) -> list[Job]:
+    """Finds each search's finished run wherever it is (lone or any batch of its cell), then groups the
+    rest into processes: per cell one batch of its unfinished seeds, or one process per seed."""
+    results = Path(args.results)
+    runs = results / "runs"
+    overrides = {cell: ov for cell, ov, _ in cells_of(args)}
+    for s in searches:
+        for d in [s.dir] + [b / f"seed_{s.seed}" for b in _batch_dirs(runs, s.cell)]:
+            if (d / "summary.json").exists():
+                s.dir = d
+                s.settle()
+                break
+    jobs = []
+    if not batch:
+        for s in searches:
+            if s.state == "pending":
+                jobs.append(Job(s.name, s.overrides, s.dir, results / "logs" / f"{s.name}.log", [s]))
+    else:
+        todo: dict[str, list[Search]] = {}
+        for s in searches:
+            if s.state == "pending":
+                todo.setdefault(s.cell, []).append(s)
+        for cell, ss in todo.items():
+            seeds = [s.seed for s in ss]
+            d = runs / cell
+            if not (_free(d) or _batch_seeds(d) == seeds):
+                d = runs / f"{cell}+s{'-'.join(map(str, seeds))}"  # (its name fixes its seeds)
+            ov = overrides[cell] + [f"seeds=[{','.join(map(str, seeds))}]"] + list(args.overrides)
+            for s in ss:
+                s.dir = d / f"seed_{s.seed}"
+            jobs.append(Job(d.name, ov, d, results / "logs" / f"{d.name}.log", ss))
+    for j in jobs:
+        for s in j.searches:
+            s.job = j
+    return jobs
 
 
 def check_grid_file(results: Path, config: str, overrides: list[str], device: str) -> None:
@@ -138,12 +256,12 @@ def _die_with_parent() -> None:
         pass
 
 
-def start(cell: Cell, config: str, threads: int, device: str) -> None:
-    cell.log.parent.mkdir(parents=True, exist_ok=True)
-    resume = (cell.run_dir / "checkpoints" / "latest").exists()
-    cmd = [sys.executable, str(ROOT / "launcher" / "search.py"), "--config", config, "--run-dir", str(cell.run_dir),
+def start(job: Job, config: str, threads: int, device: str) -> None:
+    job.log.parent.mkdir(parents=True, exist_ok=True)
+    resume = (job.run_dir / "checkpoints" / "latest").exists()
+    cmd = [sys.executable, str(ROOT / "launcher" / "search.py"), "--config", config, "--run-dir", str(job.run_dir),
            "--resume" if resume else "--force"]
-    for ov in cell.overrides:
+    for ov in job.overrides:
         cmd += ["--set", ov]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -151,44 +269,73 @@ def start(cell: Cell, config: str, threads: int, device: str) -> None:
         env.pop(k, None)  # each search is a lone process with its own rendezvous port
     if device in ("cpu", "cuda"):
         env["DS_ACCELERATOR"] = device  # never inherit a CPU setting into a GPU grid, or the reverse
-    with open(cell.log, "a") as log:
+    with open(job.log, "a") as log:
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
-        cell.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
-    cell.state, cell.started = "running", time.time()
+        job.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True, preexec_fn=_die_with_parent)
+    job.state, job.started = "running", time.time()
+    for s in job.searches:
+        s.state = "running"
 
 
-def stop(cells: list[Cell], grace_s: float) -> None:
+def stop(jobs: list[Job], grace_s: float) -> None:
     """SIGTERM every running search (it checkpoints at its next step), SIGKILL after `grace_s`."""
-    running = [c for c in cells if c.state == "running"]
-    for c in running:
+    running = [j for j in jobs if j.state == "running"]
+    for j in running:
         try:
-            os.killpg(c.proc.pid, signal.SIGTERM)
+            os.killpg(j.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
     end = time.time() + grace_s
-    for c in running:
+    for j in running:
         try:
-            c.proc.wait(timeout=max(0.1, end - time.time()))
+            j.proc.wait(timeout=max(0.1, end - time.time()))
         except subprocess.TimeoutExpired:
             try:
-                os.killpg(c.proc.pid, signal.SIGKILL)
+                os.killpg(j.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            c.proc.wait()
-        c.rc, c.wall_s = c.proc.returncode, time.time() - c.started
-        c.state = "done" if c.finished() else "stopped"
+            j.proc.wait()
+        j.ended(stopped=True)
 
 
-def write_report(results: Path, cells: list[Cell], title: str) -> None:
+def _run_dir_name(d: Path) -> str:
+    """The process directory a search's files are in (its log is `logs/<that>.log`)."""
+    return d.parent.name if d.name.startswith("seed_") else d.name
+
+
+def write_report(results: Path, searches: list[Search], title: str) -> None:
     from sdarts.nasbench201 import report as R
-    runs = [r for r in (R.load_run(c.run_dir) for c in cells) if r is not None]
+    runs, failed = [], []
+    for s in searches:
+        r = R.load_run(s.dir)
+        if r is not None:
+            r["name"] = s.name  # (a batched seed's directory is seed_<s>: the grid's name for it instead)
+        if s.fault:
+            failed.append({"name": s.name, "seed": s.seed, "dir": str(s.dir), "numerical_fault": s.fault,
+                           "epochs_done": r["epochs_done"] if r else 0,
+                           "trajectory": r["trajectory"] if r else []})
+        elif r is not None:
+            runs.append(r)
     groups = R.summarize(runs) if runs else []
-    status = {c.name: {"state": c.state, "rc": c.rc, "wall_s": c.wall_s, "log": str(c.log)} for c in cells}
+    status = {}
+    for s in searches:
+        j = s.job
+        status[s.name] = {"state": s.state, "rc": j.rc if j else None, "wall_s": j.wall_s if j else None,
+                          "log": str(j.log if j else results / "logs" / f"{_run_dir_name(s.dir)}.log"),
+                          "dir": str(s.dir), "process": j.name if j else _run_dir_name(s.dir)}
+        if s.fault:
+            status[s.name]["numerical_fault"] = s.fault
     atomic_write(results / "status.json", json.dumps(status, indent=2) + "\n")
-    atomic_write(results / "results.json", json.dumps({"groups": groups, "runs": runs}, indent=1) + "\n")
-    atomic_write(results / "table.md", R.markdown(groups, runs, title))
+    atomic_write(results / "results.json",
+                 json.dumps({"groups": groups, "runs": runs, "failed": failed}, indent=1) + "\n")
+    md = R.markdown(groups, runs, title)
+    if failed:
+        md += ("\n### Failed searches (numerical fault: counted as failed, not in the groups above)\n\n"
+               + "".join(f"- `{f['name']}` (after {f['epochs_done']} scored epochs): {f['numerical_fault']}\n"
+                         for f in failed))
+    atomic_write(results / "table.md", md)
     if runs:
         try:
             import matplotlib
@@ -210,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alpha-optimizers", default="sgd", help="comma-separated: sgd (alpha lr = lr) and/or adam")
     p.add_argument("--alpha-lr", default=None, help="fixed alpha lr instead of the rule above")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--workers", type=int, default=1, help="searches at once (CPU: <= cores; GPU: several share it)")
-    p.add_argument("--threads", type=int, default=1, help="OMP threads per search")
+    p.add_argument("--no-batch-seeds", dest="batch_seeds", action="store_false",
+                   help="one process per seed instead of one per cell training all its seeds (seeds=[...])")
+    p.add_argument("--workers", type=int, default=1,
+                   help="search processes at once (CPU: <= cores; GPU: several share it)")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per search process")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="sets engine.device")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every search (repeatable), e.g. --set epochs=10")
@@ -226,13 +376,16 @@ def main(argv: list[str] | None = None) -> int:
             raise GridError("--workers and --threads must be >= 1")
         if not Path(args.config).is_file():
             raise GridError(f"config file not found: {args.config}")
-        cells = build_grid(args)
+        searches = build_grid(args)
         results = Path(args.results)
+        jobs = plan(searches, args, args.batch_seeds)
         if not args.report_only:
             check_grid_file(results, args.config, args.overrides, args.device)
-            # validate the first cell's config now: a bad --set is one line, not N failed runs
+            # validate every process's config now: a bad --set is one line, not N failed runs
             from sdarts import config as C
-            cfg = C.load(args.config, cells[0].overrides)
+            cfg = C.load(args.config, searches[0].overrides)
+            for j in jobs:
+                C.load(args.config, j.overrides)
             # the searches run with cwd = ROOT: a missing table or data folder would otherwise cost
             # every search its first epoch before failing
             for key, value in (("nb201_table", cfg.nb201_table), ("data.root", cfg.data.root)):
@@ -246,11 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     args.config = str(Path(args.config).resolve())  # the searches run with cwd = the repository root
     title = args.title or f"NB201 stability: {Path(args.config).name}" + (
         f" ({', '.join(args.overrides)})" if args.overrides else "")
-    for c in cells:
-        if c.finished():
-            c.state = "done"
     if args.report_only:
-        write_report(results, cells, title)
+        write_report(results, searches, title)
         print((results / "table.md").read_text())
         return 0
 
@@ -261,38 +411,47 @@ def main(argv: list[str] | None = None) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.time()
-    todo = [c for c in cells if c.state == "pending"]
-    print(f"grid: {len(cells)} cells, {len(cells) - len(todo)} already finished, {len(todo)} to run, "
+    todo = list(jobs)
+    n_todo = sum(len(j.searches) for j in jobs)
+    print(f"grid: {len(searches)} searches, {len(searches) - n_todo} already finished, {n_todo} to run "
+          f"in {len(jobs)} processes ({'seeds batched' if args.batch_seeds else 'one per seed'}), "
           f"{args.workers} at once", flush=True)
-    write_report(results, cells, title)
+    for s in searches:
+        if s.fault:
+            print(f"  {s.name}: numerical fault in an earlier run (counted as failed): {s.fault}", flush=True)
+    write_report(results, searches, title)
     try:
-        while todo or any(c.state == "running" for c in cells):
+        while todo or any(j.state == "running" for j in jobs):
             if args.deadline_s and time.time() - t0 >= args.deadline_s:
                 stop_flag["why"] = stop_flag["why"] or f"deadline {args.deadline_s:g}s"
             if stop_flag["why"]:
                 print(f"stopping ({stop_flag['why']}): signalling running searches", flush=True)
-                stop(cells, args.grace_s)
+                stop(jobs, args.grace_s)
                 break
-            while todo and sum(c.state == "running" for c in cells) < args.workers:
-                c = todo.pop(0)
-                start(c, args.config, args.threads, args.device)
-                print(f"[{time.time() - t0:6.0f}s] start {c.name}", flush=True)
-            for c in cells:
-                if c.state == "running" and c.proc.poll() is not None:
-                    c.rc, c.wall_s = c.proc.returncode, time.time() - c.started
-                    c.state = "done" if c.finished() else "failed"
-                    print(f"[{time.time() - t0:6.0f}s] {c.state} {c.name} (rc {c.rc}, {c.wall_s:.0f}s)"
-                          + ("" if c.state == "done" else f"; see {c.log}"), flush=True)
-                    write_report(results, cells, title)
+            while todo and sum(j.state == "running" for j in jobs) < args.workers:
+                j = todo.pop(0)
+                start(j, args.config, args.threads, args.device)
+                print(f"[{time.time() - t0:6.0f}s] start {j.name}"
+                      + (f" (seeds {', '.join(str(s.seed) for s in j.searches)})" if args.batch_seeds else ""),
+                      flush=True)
+            for j in jobs:
+                if j.state == "running" and j.proc.poll() is not None:
+                    j.ended(stopped=False)
+                    print(f"[{time.time() - t0:6.0f}s] {j.state} {j.name} (rc {j.rc}, {j.wall_s:.0f}s)"
+                          + ("" if j.state == "done" else f"; see {j.log}"), flush=True)
+                    for s in j.searches:
+                        if s.fault:
+                            print(f"  {s.name}: {s.fault}", flush=True)
+                    write_report(results, searches, title)
             time.sleep(0.5)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    write_report(results, cells, title)
+    write_report(results, searches, title)
     print(f"table: {results / 'table.md'}  ({time.time() - t0:.0f}s)", flush=True)
-    if any(c.state == "failed" for c in cells):
+    if any(s.state == "failed" for s in searches):
         return 1
-    return 124 if any(c.state in ("stopped", "pending") for c in cells) else 0
+    return 124 if any(s.state in ("stopped", "pending") for s in searches) else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 # Usage: bash scripts/device/prepare_carry.sh            then e.g.
 #   run(command="PHASES='tests bench' bash scripts/device/perf_check.sh 300", carry=[".whl", ".gpu2"])
 #   run(command="PHASES=search bash scripts/device/perf_check.sh 540", carry=[".whl", ".gpu"])
+#   run(command="bash scripts/device/seeds_check.sh", carry=[".whl", ".gpu"], timeout_s=600)   # batched seeds, Table 1 pair
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SHARED=${SDARTS_SHARED:-../shared}
