@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
+
 COLS = ("cifar10_test", "cifar100_test", "imagenet16_test")
 
 
@@ -31,11 +33,19 @@ def _jsonl(p: Path) -> list[dict]:
     return out
 
 
-def _epochs(d: Path) -> int | None:
-    for line in (d / "config.yaml").read_text().splitlines() if (d / "config.yaml").exists() else []:
-        if line.startswith("epochs:"):
-            return int(line.split(":")[1])
-    return None
+def _config(d: Path) -> dict:
+    try:
+        return yaml.safe_load((d / "config.yaml").read_text()) or {}
+    except OSError:
+        return {}
+
+
+def _images_per_s(metrics: list[dict], batch: int | None) -> float | None:
+    """Training images/s of one seed from its metrics lines' steps and elapsed seconds (median over the
+    last 20 intervals; not the lines' images_per_s, which stacked seeds undercount by the batch size)."""
+    rates = [(b["step"] - a["step"]) * batch / (b["elapsed_s"] - a["elapsed_s"]) for a, b in zip(metrics, metrics[1:])
+             if b["step"] > a["step"] and b["elapsed_s"] > a["elapsed_s"]]
+    return statistics.median(rates[-20:]) if rates and batch else None
 
 
 def seed_record(grid: str, name: str, st: dict) -> dict:
@@ -45,9 +55,12 @@ def seed_record(grid: str, name: str, st: dict) -> dict:
     summary = json.loads((d / "summary.json").read_text()) if (d / "summary.json").exists() else None
     el = [s["elapsed_s"] for s in scores]
     steps = [b - a for a, b in zip(el, el[1:]) if b > a]  # (elapsed restarts at a resume)
-    epochs = _epochs(d)
+    cfg = _config(d)
+    epochs = cfg.get("epochs")
+    data, engine = cfg.get("data") or {}, cfg.get("engine") or {}
+    batch = data.get("micro_batch", 0) * engine.get("grad_accum", 1) or None
     c10 = [s["cifar10_test"] for s in scores]
-    metrics = [m for m in _jsonl(d / "metrics.jsonl") if m.get("images_per_s")]
+    metrics = [m for m in _jsonl(d / "metrics.jsonl") if "step" in m and "elapsed_s" in m]
     half = [s["cifar10_test"] for s in scores if epochs and s["epoch"] > epochs / 2]
     return {"grid": grid, "name": name, "dir": str(d), "state": st.get("state"),
             "epochs_done": len(scores), "epochs": epochs, "finished": summary is not None,
@@ -58,7 +71,7 @@ def seed_record(grid: str, name: str, st: dict) -> dict:
             "s_per_epoch": statistics.median(steps) if steps else None,
             "projected_s": el[0] + (epochs - 1) * statistics.median(steps) if steps and epochs else None,
             "step": metrics[-1]["step"] if metrics else None,
-            "images_per_s": statistics.median(m["images_per_s"] for m in metrics[-20:]) if metrics else None,
+            "images_per_s": _images_per_s(metrics, batch),
             "trajectory_cifar10_test": c10, "elapsed_s": el}
 
 
