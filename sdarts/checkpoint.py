@@ -53,7 +53,12 @@ def load_latest(ds_engine, ckpt_dir: Path, what: str,
         raise CheckpointError(f"{latest}: empty or unreadable (it should name a checkpoint tag)")
     if not (ckpt_dir / tag).is_dir():
         raise CheckpointError(f"{ckpt_dir / tag}: checkpoint named by {ckpt_dir / 'latest'} is missing")
-    verify_safe(ckpt_dir / tag)
+    states = verify_safe(ckpt_dir / tag)
+    # refuse from the client state before DeepSpeed loads anything: a checkpoint of another shape (e.g.
+    # another number of seeds) would otherwise fail in the strict state-dict load, without the reason
+    reason = refuse(states) if states is not None else None
+    if reason:
+        raise CheckpointError(f"{ckpt_dir / tag}: {reason}")
     try:
         _, client = ds_engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True)
     except (RuntimeError, KeyError, EOFError, ValueError, OSError) as e:
@@ -184,8 +189,9 @@ def fault_point(point: str, tag_dir: Path) -> None:
             raise ValueError(f"{FAULT_ENV}: unknown action {action!r} in {item!r}")
 
 
-def verify_safe(tag_dir: Path) -> None:
-    """Refuses checkpoint files that need arbitrary unpickling.
+def verify_safe(tag_dir: Path) -> dict | None:
+    """Refuses checkpoint files that need arbitrary unpickling; returns the model-states file's
+    contents (DeepSpeed keeps the client state there), or None when the tag has no such file.
 
     DeepSpeed's loader calls `torch.load(weights_only=False)`, which runs any code a crafted pickle
     carries. Every file is first opened with `weights_only=True` (tensors, containers and plain types
@@ -194,11 +200,15 @@ def verify_safe(tag_dir: Path) -> None:
     files = sorted(tag_dir.glob("*.pt"))
     if not files:
         raise CheckpointError(f"{tag_dir}: no checkpoint files in it")
+    states = None
     for f in files:
         try:
-            torch.load(f, map_location="cpu", weights_only=True)
+            loaded = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any failure means we will not unpickle it unsafely
             raise CheckpointError(f"{f}: refused, not a plain-tensor checkpoint ({first_line(e, 160)})") from None
+        if f.name == "mp_rank_00_model_states.pt" and isinstance(loaded, dict):
+            states = loaded
+    return states
 
 
 def save_weights(path: Path, state_dict: dict, meta: dict) -> None:

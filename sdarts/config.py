@@ -280,6 +280,8 @@ def _format_error(e: ValidationError, source: str) -> str:
     if err["type"] == "missing":
         return f"{source}: missing key '{key}'"
     msg = err["msg"].removeprefix("Value error, ")
+    if not loc:  # a check across keys: its message names them; the input would be the whole config
+        return f"{source}: {msg}"
     return f"{source}: key '{key}': {msg} (got {err.get('input')!r})"
 
 

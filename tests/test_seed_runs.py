@@ -338,10 +338,6 @@ def test_nan_seed_fault_survives_kill_and_resume(stacked_ref, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="library bug: SeedRuns.after_step records a seed's fault after "
-                   "Run.after_step has counted the step and logged it, so the fault message says step 4 for a "
-                   "NaN at step 3, and the faulted step's NaN loss is written to seed_<s>/metrics.jsonl (as bare "
-                   "NaN, not JSON) and into the batch's mean loss (not over the live seeds)")
 def test_nan_seed_fault_names_its_step_and_logs_no_nan(poisoned_run):
     fault = json.loads((poisoned_run / "seed_1" / "summary.json").read_text())["numerical_fault"]
     assert fault.startswith("step 3 (epoch 1): seed 1: non-finite loss"), fault
@@ -379,18 +375,8 @@ def test_more_bad_seeds_are_one_config_error(over, why):
     assert why in str(e.value) and "\n" not in str(e.value)
 
 
-_COUNT_BUG = ("library bug: a checkpoint of another number of seeds (or a lone/stacked mismatch) fails in "
-              "DeepSpeed's state-dict load ('not a checkpoint of this search (Error(s) in loading state_dict for "
-              "SeedStack:)'), before refuse_other_seeds runs, so the line does not say that the seeds differ")
-_DIR_BUG = ("library bug: SeedRuns creates RUN/seed_<s>/genotypes/ for the config's seeds before the checkpoint "
-            "is loaded and refused, so a refused --resume leaves an empty seed_2/ in the existing run directory "
-            "(the refusal line itself is right: checked before the directory)")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("seeds", ["[1,0]",
-                                   pytest.param("[0,2]", marks=pytest.mark.xfail(strict=True, reason=_DIR_BUG)),
-                                   pytest.param("[0,1,2]", marks=pytest.mark.xfail(strict=True, reason=_COUNT_BUG))])
+@pytest.mark.parametrize("seeds", ["[1,0]", "[0,2]", "[0,1,2]"])
 def test_resume_with_other_seeds_is_refused_with_one_line_and_touches_nothing(stacked_ref, tmp_path, seeds):
     """A copy of the finished stacked run (seeds [0, 1]) resumed with other seeds: exit 2, one line naming
     the checkpoint and the seeds it holds, and the run directory byte for byte as it was."""

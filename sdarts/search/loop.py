@@ -71,12 +71,13 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
                     res = strategy.step(train_iter, valid_iter)
                 except NumericalFault as e:
                     raise run.numerical_fault(epoch, str(e)) from None
+                runs.record_faults(epoch, engine.faults)  # stacked seeds: a NaN ends that seed's search
                 run.after_step(res.images, lambda ips: runs.metrics_line({
                     "step": run.step, "epoch": epoch, "split": "train", "loss": None, "acc": None,
                     "lr_w": engine.optimizer.lr("w"), "lr_alpha": engine.optimizer.lr("alpha"),
                     "images_per_s": ips, "rank": run.rank, "elapsed_s": round(time.time() - run.t_start, 3)},
                     res))
-                runs.after_step(run.step, epoch, res, engine.faults)
+                runs.after_step(run.step, epoch, res)
                 run.stop_if_preempted(lambda: save(epoch))
                 if run.checkpoint_due(steps_per_epoch):
                     save(epoch)

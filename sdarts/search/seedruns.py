@@ -34,6 +34,7 @@ from sdarts import genotype as G
 from sdarts.analysis.hook import SearchAnalysis
 from sdarts.config import SearchConfig, dump
 from sdarts.data import Batch, build_search_loaders, shared_splits
+from sdarts.distributed import barrier
 from sdarts.run import Run
 from sdarts.runlog import JsonlLog, atomic_write
 from sdarts.search.strategies import StepResult
@@ -67,8 +68,6 @@ class SeedRuns:
         self.runs: list[SeedRun] = []
         for k, s in enumerate(seeds):
             d = run.dir / f"seed_{s}" if self.stacked else run.dir
-            if self.stacked and run.is_main:
-                (d / "genotypes").mkdir(parents=True, exist_ok=True)
             tr, va = build_search_loaders(cfg.data, cfg.model.num_classes, s, run.rank, run.world, accum,
                                           str(data_device), run.skipped, splits)
             lone = cfg.lone(s)
@@ -105,14 +104,17 @@ class SeedRuns:
         return its[0] if not self.stacked else _stacked(its)
 
     # -- after a step, at an epoch end, in a checkpoint -------------------------------------------
-    def after_step(self, step: int, epoch: int, res: StepResult, faults: dict[int, str]) -> None:
-        """Records new numerical faults (a stacked seed's search ends, the others go on), then the
-        analysis hook of each live search."""
+    def record_faults(self, epoch: int, faults: dict[int, str]) -> None:
+        """Right after a step (before it is counted and logged): a stacked seed whose loss went non-finite
+        ends its search there (the others go on); its files stop at its last good step."""
         for k, msg in faults.items():
             r = self.runs[k]
             if r.fault is None:
                 r.fault = self.run.numerical_fault(epoch, f"seed {r.seed}: {msg}").args[0]
                 log.error("%s; the other seeds go on", r.fault)
+
+    def after_step(self, step: int, epoch: int, res: StepResult) -> None:
+        """The analysis hook of each live search."""
         for r, a in zip(self.runs, self.analyses):
             if r.fault is None:
                 if self.stacked and a.due(step):
@@ -154,7 +156,13 @@ class SeedRuns:
         return None if theirs == ours else f"checkpoint is from seeds {theirs}, config says {ours}"
 
     def restore(self, client: dict | None) -> None:
-        """From a checkpoint's client state (None: a fresh start, which writes each seed's config)."""
+        """From a checkpoint's client state (None: a fresh start, which writes each seed's config). The
+        seed directories are made here, once a checkpoint (if any) was accepted."""
+        if self.stacked:
+            if self.run.is_main:
+                for r in self.runs:
+                    (r.dir / "genotypes").mkdir(parents=True, exist_ok=True)
+            barrier()  # every rank may write its own alphas.rank<r>.jsonl there (log.all_ranks)
         if client is not None:
             states = client["searches"] if self.stacked else [client]
             for r, st in zip(self.runs, states):

@@ -69,7 +69,7 @@ def update(engine: SearchEngine, batch: Batch, groups: frozenset[str]) -> tuple[
     # elsewhere a NaN/inf loss stops the search before backward, so alpha never learns from it (with
     # stacked seeds: that seed's search; the others go on, `SearchEngine.check_finite`)
     if engine.cfg.precision != "fp16":
-        engine.check_finite(per_search, f"an {'+'.join(sorted(groups))} update")
+        engine.check_finite(per_search, f"the {'+'.join(sorted(groups))} update")
     engine.backward(loss)
     engine.step(groups)
     acc = (logits.detach().argmax(-1) == batch.y).float().mean(-1)
