@@ -110,8 +110,9 @@ class SeedRuns:
         for k, msg in faults.items():
             r = self.runs[k]
             if r.fault is None:
-                r.fault = self.run.numerical_fault(epoch, f"seed {r.seed}: {msg}").args[0]
-                log.error("%s; the other seeds go on", r.fault)
+                r.fault = (f"step {self.run.step + 1} (epoch {epoch + 1}): seed {r.seed}: {msg}; this seed's "
+                           f"search ended there (its files stop at its last good step; the others go on)")
+                log.error("%s", r.fault)
 
     def after_step(self, step: int, epoch: int, res: StepResult) -> None:
         """The analysis hook of each live search."""

@@ -85,7 +85,7 @@ def update_accumulated(engine: SearchEngine, batches: Iterator[Batch], accum: in
         b = next(batches)
         loss, acc = update(engine, b, groups)
         losses.append(loss), accs.append(acc), ids.append(b.ids)
-        images += len(b.y)
+        images += b.y.numel()  # S x B with stacked seeds
     return _mean(losses), _mean(accs), ids, images
 
 
@@ -150,7 +150,7 @@ class BilevelSecondOrder:
         self.engine.backward(sum((a * g.detach()).sum() for a, g in zip(alphas, g_alpha)))
         self.engine.step(ALPHA)
         loss, acc = update(self.engine, bt, W)
-        return StepResult(loss, acc, len(bt.y), [bv.ids], [bt.ids])
+        return StepResult(loss, acc, bt.y.numel(), [bv.ids], [bt.ids])
 
     def unrolled_alpha_grad(self, bt: Batch, bv: Batch) -> list[torch.Tensor]:
         """dL_val(w', alpha)/d alpha at w' = w - xi * (momentum * buf + dL_train/dw + wd * w), with the
