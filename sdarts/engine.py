@@ -203,7 +203,11 @@ class CombinedOptimizer(torch.optim.Optimizer):
     def _clip(self, grads: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
         if not self.seeds:
             return torch._foreach_mul(grads, coef.to(grads[0].dtype))
-        return [g * coef.to(g.dtype).view(-1, *([1] * (g.dim() - 1))) for g in grads]
+        out = torch._foreach_mul(grads, 1.0)  # a copy, as above: the gradients themselves stay as they are
+        coef = coef.to(grads[0].dtype)
+        for k in range(self.seeds):  # one foreach op per seed over every tensor's slice k
+            torch._foreach_mul_([g[k] for g in out], coef[k])
+        return out
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -21,7 +23,7 @@ def test_tiny_kernel_count_emits_json_with_fewer_kernels_per_search():
     last = p.stdout.strip().splitlines()[-1]
     out = json.loads(last)
     lone, s4 = out["kernels"]["nb201"]["lone"], out["kernels"]["nb201"]["S4"]
-    assert s4["seeds"] == 4 and s4["kernels_per_search"] == s4["kernels"] / 4
+    assert s4["seeds"] == 4 and s4["kernels_per_search"] == pytest.approx(s4["kernels"] / 4, abs=0.051)
     assert s4["kernels_per_search"] < lone["kernels"]
     # `_unsafe_view` counted as a view: never more than the strict count, which counts it as a kernel
     assert s4["kernels"] <= s4["kernels_strict"]

@@ -125,7 +125,29 @@ def _seed_batch_norm_folded(info, in_dims, x, weight, bias, running_mean, runnin
 
     out = F.batch_norm(xp.reshape(B, S * C, *rest), stats(running_mean, md), stats(running_var, vd),
                        fold(weight, wd), fold(bias, bd), training, momentum, eps)
+    if out.requires_grad:  # BN's CPU backward takes a slow path on a strided gradient (see `dense_grad`)
+        out.register_hook(_contiguous)
     return out.view(B, S, C, *rest), 1
+
+
+def _contiguous(g: torch.Tensor) -> torch.Tensor:
+    return g.contiguous()
+
+
+@torch.library.custom_op("sdarts::seed_avg_pool_3x3", mutates_args=())
+def seed_avg_pool_3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """`avg_pool_3x3` over stacked seeds, inside the `SeedStack` vmap only: vmap's own rule moves the
+    seed axis into the batch (a copy), and the convolution after it moves it back next to the channels
+    (another); pooling is per channel, so the seeds fold into the channels as they are."""
+    raise RuntimeError("sdarts::seed_avg_pool_3x3 runs inside SeedStack's vmap only")
+
+
+@seed_avg_pool_3x3.register_vmap
+def _seed_avg_pool_folded(info, in_dims, x, stride):
+    xp = x.movedim(in_dims[0], 1)
+    B, S, C = xp.shape[:3]
+    out = F.avg_pool2d(xp.reshape(B, S * C, *xp.shape[3:]), 3, stride, 1, count_include_pad=False)
+    return out.view(B, S, C, *out.shape[2:]), 1
 
 
 def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -141,7 +163,9 @@ def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.d
 
 def avg_pool_3x3(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
     """3x3 average pooling, padding 1, count_include_pad=False (NB201's and DARTS' avg_pool_3x3)."""
-    if x.device.type != "cpu" or mapped(x) or _is_nhwc(x):  # NHWC pooling kernels are fast; NCHW not
+    if mapped(x):
+        return seed_avg_pool_3x3(x, stride)
+    if x.device.type != "cpu" or _is_nhwc(x):  # NHWC pooling kernels are fast; NCHW ones are not
         return F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
     C = x.shape[1]
     kernel = torch.ones(C, 1, 3, 3, dtype=x.dtype, device=x.device)

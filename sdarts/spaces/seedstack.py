@@ -41,13 +41,13 @@ class SeedStack(nn.Module):
             raise ValueError("SeedStack needs at least one supernet")
         self.size = len(nets)
         net = copy.deepcopy(nets[0])  # the skeleton; its tensors are replaced by the stacked ones
-        stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in nets])
-                   for n, _ in nets[0].named_parameters()}
-        for name, t in stacked.items():
-            _set(net, name, nn.Parameter(t.contiguous()), parameter=True)
-        for name, _ in nets[0].named_buffers():
-            _set(net, name, torch.stack([dict(m.named_buffers())[name] for m in nets]).contiguous(),
-                 parameter=False)
+        params = [dict(m.named_parameters()) for m in nets]
+        buffers = [dict(m.named_buffers()) for m in nets]
+        for name in params[0]:
+            _set(net, name, nn.Parameter(torch.stack([p[name].detach() for p in params]).contiguous()),
+                 parameter=True)
+        for name in buffers[0]:
+            _set(net, name, torch.stack([b[name] for b in buffers]).contiguous(), parameter=False)
         net.channels_last = False  # memory formats cannot be asked for inside vmap
         self.net = net
         # a lone supernet that `seed_net` fills: a plain attribute, not a submodule (not in state_dict)
