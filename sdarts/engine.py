@@ -189,7 +189,7 @@ class CombinedOptimizer(torch.optim.Optimizer):
             sq = (torch.stack(norms) ** 2).view(len(grads), S).sum(0)
         else:
             norms = torch._foreach_norm(grads)
-            sq = torch.stack([n * n for n in norms]).sum() if len(norms) > 1 else norms[0] ** 2
+            sq = (torch.stack(norms) ** 2).sum()  # one square for all, not one multiply per tensor
         if self.partitioned and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sq)
         norm = sq.sqrt()
