@@ -19,18 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from collect import _jsonl  # noqa: E402  (scripts/device/collect.py: JSONL records, a torn last line ends them)
+
 COLS = ("cifar10_test", "cifar100_test", "imagenet16_test")
-
-
-def _jsonl(p: Path) -> list[dict]:
-    out = []
-    if p.exists():
-        for line in p.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line torn by a kill
-    return out
 
 
 def _config(d: Path) -> dict:
