@@ -86,7 +86,7 @@ def test_stacked_demo_fp32_stays_within_the_lone_searchs_own_rounding_spread(tmp
     """fp32, the demo (2 epochs): a stacked seed's alphas follow its lone search no further than the lone
     search follows itself under another memory layout (NHWC vs NCHW: the same maths, other rounding).
     The demo's alphas are near ties (top two ops 0.001-0.004 apart), so fp32 rounding alone flips
-    genotypes there (docs/search.md: seeds); a wrong seed's data or init would be far outside this."""
+    genotypes there (docs/performance.md, stacked seeds); a wrong seed's data or init would be far outside this."""
     import numpy as np
 
     from sdarts.config import load
