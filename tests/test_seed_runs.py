@@ -295,7 +295,7 @@ def _check_seed1_faulted_at_step_3(d, ref):
     summary = json.loads((s1 / "summary.json").read_text())
     fault = summary["numerical_fault"]
     assert "seed 1: non-finite loss" in fault, fault
-    assert f"last good checkpoint: {d / 'checkpoints' / 'step000000002'}" in fault, fault
+    assert "this seed's search ended there" in fault and "--resume" not in fault, fault
     assert "genotype" not in summary and not (s1 / "genotype.json").exists()
     assert not list((s1 / "genotypes").iterdir())  # its search ended in epoch 1
     assert jsonl(s1 / "alphas.jsonl") == jsonl(ref / "seed_1" / "alphas.jsonl")[:1]  # the init record only
@@ -314,7 +314,7 @@ def poisoned_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("seed_nan") / "run"
     r = _poisoned([*STACKED, "--run-dir", str(d)], "1:3")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and "the other seeds go on" in r.stderr
+    assert "Traceback" not in r.stderr and "the others go on" in r.stderr
     return d
 
 
