@@ -65,25 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         r["eq8_blocks"] = eq8_blocks(Path(r["dir"]), a.block, r["epochs"])
         r["name"] = f"{Path(r['dir']).parent.name}/{Path(r['dir']).name}"
     groups = summarize(runs)
+    members = {}  # group -> its runs by seed (summarize's groups are group_key's keys, in its order)
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        members.setdefault(group_key(r), []).append(r)
+    epochs = max(r["epochs"] for r in runs)
+    starts = range(0, epochs, a.block)
     lines = [markdown(groups, runs, a.title), f"### Eq. 8 per block of {a.block} epochs (mean over seeds)", "",
-             "| method | alpha opt | lr | which | " + " | ".join(
-                 f"{b + 1}-{min(b + a.block, max(r['epochs'] for r in runs))}"
-                 for b in range(0, max(r["epochs"] for r in runs), a.block)) + " |"]
-    lines.append("|---|---|---|---|" + "---|" * len(range(0, max(r["epochs"] for r in runs), a.block)))
+             "| method | alpha opt | lr | which | " + " | ".join(f"{b + 1}-{min(b + a.block, epochs)}" for b in starts)
+             + " |", "|---|---|---|---|" + "---|" * len(starts)]
+    per_seed = ["", "### Parameter-free edges of the final cell, per seed", ""]
     for g in groups:
-        members = [r for r in runs if group_key(r) == (g["strategy"], g["activation"], g["alpha_optimizer"], g["lr"])]
+        rs = members[(g["strategy"], g["activation"], g["alpha_optimizer"], g["lr"])]
         g["eq8_blocks"] = {}
         for which in ("same_step", "prev_w"):
-            cols = list(zip(*[r["eq8_blocks"][which] for r in members]))
-            g["eq8_blocks"][which] = [_mean(list(c)) for c in cols]
+            g["eq8_blocks"][which] = [_mean(list(c)) for c in zip(*[r["eq8_blocks"][which] for r in rs])]
             cells = " | ".join("" if v is None else f"{v:.3f}" for v in g["eq8_blocks"][which])
             lines.append(f"| {g['method']} | {g['alpha_optimizer']} | {g['lr']:g} | {which} | {cells} |")
-    lines += ["", "### Parameter-free edges of the final cell, per seed", ""]
-    for g in groups:
-        members = sorted((r for r in runs if group_key(r) == (g["strategy"], g["activation"], g["alpha_optimizer"],
-                                                              g["lr"])), key=lambda r: r["seed"])
-        lines.append(f"- {g['method']} ({g['alpha_optimizer']}, lr {g['lr']:g}): "
-                     + ", ".join(f"s{r['seed']} {r['param_free_edges']}" for r in members))
+        per_seed.append(f"- {g['method']} ({g['alpha_optimizer']}, lr {g['lr']:g}): "
+                        + ", ".join(f"s{r['seed']} {r['param_free_edges']}" for r in rs))
+    lines += per_seed
     print("\n".join(lines))
     if a.json:
         a.json.write_text(json.dumps({"groups": groups, "runs": runs}, indent=1) + "\n")

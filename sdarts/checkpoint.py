@@ -65,7 +65,7 @@ def load_latest(ds_engine, ckpt_dir: Path, what: str,
         raise CheckpointError(f"{ckpt_dir / tag}: not a checkpoint of this {what} ({first_line(e, 200)})") from None
     if client is None:
         raise CheckpointError(f"{ckpt_dir / tag}: checkpoint could not be read")
-    reason = refuse(client)
+    reason = refuse(client) if states is None else None  # (checked above when the states file was read)
     if reason:
         raise CheckpointError(f"{ckpt_dir / tag}: {reason}")
     return client

@@ -54,7 +54,7 @@ class SearchEngine:
             w_weight_decay=o.w.weight_decay, w_nesterov=o.w.nesterov, alpha_rule=o.alpha.optimizer,
             alpha_lr=o.alpha.lr, alpha_betas=o.alpha.betas, alpha_eps=o.alpha.eps,
             alpha_momentum=o.alpha.momentum, alpha_weight_decay=o.alpha.weight_decay, grad_clip=o.w.grad_clip,
-            partitioned=cfg.engine.zero_stage > 0, seeds=len(cfg.seeds) if cfg.seeds else 0)
+            partitioned=cfg.engine.zero_stage > 0, seeds=self.seeds)
         self.ds_config = ds_config(cfg.data.micro_batch, cfg.engine.grad_accum, world, cfg.precision,
                                    cfg.engine.autocast, cfg.engine.zero_stage)
         # DeepSpeed broadcasts parameters as flat byte views, which NHWC (channels_last) weights cannot

@@ -88,7 +88,7 @@ def run_search(cfg: SearchConfig, run_dir: str | Path, resume: bool = False, for
 
     summary = runs.finish({"space": cfg.space, "strategy": cfg.strategy, "epochs": cfg.epochs,
                            "steps": run.step, "fp16_skipped_steps": engine.skipped_steps()})
-    genotype = runs.first.genotype or runs.net(0).genotype()
+    genotype = runs.first.genotype or runs.net(0, weights=False).genotype()
     return SearchResult(genotype, run.finish(summary))
 
 

@@ -76,12 +76,13 @@ class SeedRuns:
         self.analyses = [SearchAnalysis(r.cfg, r.dir, self.net(r.index), r.train, r.valid, enabled=run.is_main)
                          for r in self.runs]
         for r in self.runs:
-            r.alpha_history = [alpha_record(self.net(r.index), 0, 0) | {"when": "init"}]
+            r.alpha_history = [alpha_record(self.net(r.index, weights=False), 0, 0) | {"when": "init"}]
 
     # -- the model and the data, seed by seed -------------------------------------------------------
-    def net(self, k: int) -> torch.nn.Module:
-        """Search k's supernet (stacked seeds: a lone copy of seed k's current state)."""
-        return self.model.seed_net(k) if self.stacked else self.model
+    def net(self, k: int, weights: bool = True) -> torch.nn.Module:
+        """Search k's supernet (stacked seeds: a lone copy of seed k's current state; `weights=False`:
+        of its alpha only, for the genotype and the alpha record)."""
+        return self.model.seed_net(k, weights) if self.stacked else self.model
 
     @property
     def first(self) -> SeedRun:
@@ -137,7 +138,7 @@ class SeedRuns:
 
     def epoch_end(self, epoch: int) -> None:
         for r in self.live:
-            net = self.net(r.index)
+            net = self.net(r.index, weights=False)
             r.genotype = net.genotype()
             r.alpha_history.append(alpha_record(net, self.run.step, epoch + 1))
             r.logs.epoch_end(epoch, r.genotype, r.alpha_history[-1])
@@ -145,7 +146,8 @@ class SeedRuns:
     def client_state(self) -> dict:
         """Their part of a checkpoint: one search's keys as they always were; stacked seeds a list."""
         states = [{"train_loader": r.train.state_dict(), "valid_loader": r.valid.state_dict(),
-                   "genotype": self.net(r.index).genotype().to_json(), "alpha_history": r.alpha_history,
+                   "genotype": self.net(r.index, weights=False).genotype().to_json(),
+                   "alpha_history": r.alpha_history,
                    "fault": r.fault} for r in self.runs]
         if not self.stacked:
             return {k: v for k, v in states[0].items() if k != "fault"}
@@ -182,29 +184,31 @@ class SeedRuns:
 
     def finish(self, summary: dict) -> dict:
         """Each search's genotype.json and (stacked) summary.json; returns the run's summary."""
-        per = {}
-        for r in self.runs:
-            g = r.genotype or self.net(r.index).genotype()
-            s = {"genotype": g.to_json()} | summary
-            if self.cfg.nb201_table and g.space == "nb201":
-                from sdarts.nasbench201.table import lookup
-                s["nb201"] = lookup(g, self.cfg.nb201_table)
-            if r.fault is not None:
-                s = summary | {"numerical_fault": r.fault}
-            elif self.run.is_main:
-                G.save(g, r.dir / "genotype.json")
-            per[r.seed] = s
+        per = {r.seed: self._outcome(r, summary) for r in self.runs}
         if not self.stacked:
             return per[self.first.seed]
         if self.run.is_main:
+            totals = self.run.totals() | {"batched_seeds": self.cfg.seeds}
             for r in self.runs:
-                rec = per[r.seed] | self.run.totals() | {"seed": r.seed, "batched_seeds": self.cfg.seeds}
                 ips = [m["images_per_s"] for m in r.metrics.read() if m.get("images_per_s")]
-                rec["images_per_s"] = sum(ips) / len(ips) if ips else None
+                rec = per[r.seed] | totals | {"seed": r.seed, "images_per_s": sum(ips) / len(ips) if ips else None}
                 atomic_write(r.dir / "summary.json", json.dumps(rec, indent=2) + "\n")
         return summary | {"seeds": self.cfg.seeds, "searches": {
             str(s): {k: v for k, v in rec.items() if k in ("genotype", "nb201", "numerical_fault")}
             for s, rec in per.items()}}
+
+    def _outcome(self, r: SeedRun, summary: dict) -> dict:
+        """Search r's summary: its fault, or its genotype (saved as genotype.json) and NB201 scores."""
+        if r.fault is not None:
+            return summary | {"numerical_fault": r.fault}
+        g = r.genotype or self.net(r.index, weights=False).genotype()
+        out = {"genotype": g.to_json()} | summary
+        if self.cfg.nb201_table and g.space == "nb201":
+            from sdarts.nasbench201.table import lookup
+            out["nb201"] = lookup(g, self.cfg.nb201_table)
+        if self.run.is_main:
+            G.save(g, r.dir / "genotype.json")
+        return out
 
 
 def _stacked(iterators: list[Iterator[Batch]]) -> Iterator[Batch]:

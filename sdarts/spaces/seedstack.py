@@ -52,6 +52,7 @@ class SeedStack(nn.Module):
         self.net = net
         # a lone supernet that `seed_net` fills: a plain attribute, not a submodule (not in state_dict)
         object.__setattr__(self, "_lone", copy.deepcopy(nets[0]))
+        object.__setattr__(self, "_mapped_cache", None)
         self.space, self.op_names, self.edge_names = net.space, net.op_names, net.edge_names
 
     # -- what the engine and the strategies use, as on a lone supernet ------------------------------
@@ -69,25 +70,38 @@ class SeedStack(nn.Module):
         """x [S, B, ...] (seed k's batch is x[k]) -> logits [S, B, classes]."""
         if x.shape[0] != self.size:
             raise ValueError(f"SeedStack of {self.size} seeds got a batch for {x.shape[0]}")
-        mapped = {n: t for n, t in self.net.named_parameters()}
-        mapped.update({n: t for n, t in self.net.named_buffers() if not n.endswith(_SHARED)})
-        return vmap(self._one, in_dims=(0, 0), randomness="error")(mapped, x)
+        return vmap(self._one, in_dims=(0, 0), randomness="error")(self._mapped(), x)
 
     def _one(self, mapped: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.net, mapped, (x,), strict=False)
+
+    def _mapped(self) -> dict[str, torch.Tensor]:
+        """The tensors the vmap maps over, by name; collected once (not a module walk per step) and
+        again after `_apply`, which may replace buffers."""
+        if self._mapped_cache is None:
+            mapped = dict(self.net.named_parameters())
+            mapped.update({n: t for n, t in self.net.named_buffers() if not n.endswith(_SHARED)})
+            object.__setattr__(self, "_mapped_cache", mapped)
+        return self._mapped_cache
 
     def _apply(self, fn, recurse=True):
         """`.to()`, `.double()`, `.cuda()`: the lone copy follows the stack's device and dtype."""
         super()._apply(fn, recurse)
         self._lone._apply(fn, recurse)
+        object.__setattr__(self, "_mapped_cache", None)
         return self
 
     # -- one seed as a lone supernet ---------------------------------------------------------------
     @torch.no_grad()
-    def seed_net(self, k: int) -> Supernet:
-        """A lone supernet holding seed k's current parameters and buffers (a copy: changes to it are
-        not written back). Its mode follows this module's."""
+    def seed_net(self, k: int, weights: bool = True) -> Supernet:
+        """A lone supernet holding seed k's current state (a copy: changes to it are not written back);
+        `weights=False` copies alpha only (enough for the genotype and the alpha record). Its mode
+        follows this module's."""
         lone = self._lone
+        if not weights:
+            for dst, src in zip(lone.get_alphas(), self.get_alphas()):
+                dst.copy_(src[k])
+            return lone.train(self.training)
         for (_, dst), (_, src) in zip(lone.named_parameters(), self.net.named_parameters()):
             dst.copy_(src[k])
         for (_, dst), (_, src) in zip(lone.named_buffers(), self.net.named_buffers()):
@@ -95,7 +109,7 @@ class SeedStack(nn.Module):
         return lone.train(self.training)
 
     def genotype(self, k: int):
-        return self.seed_net(k).genotype()
+        return self.seed_net(k, weights=False).genotype()
 
 
 def _set(module: nn.Module, dotted: str, value: torch.Tensor, parameter: bool) -> None:
