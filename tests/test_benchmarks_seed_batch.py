@@ -1,5 +1,5 @@
-"""benchmarks/seed_batch.py: its options parse, and a tiny kernel count (NB201, lone vs a stack of 4 seeds,
-a few seconds) ends in one JSON line whose stack launches fewer kernels per search than a lone search."""
+"""benchmarks/seed_batch.py: its options parse, and a tiny kernel count (lone vs a stack of 4 seeds, NB201 and
+DARTS grouped) ends in one JSON line whose stack launches at most 1.2x one search's kernels."""
 from __future__ import annotations
 
 import json
@@ -16,15 +16,18 @@ def test_help():
         assert opt in p.stdout
 
 
-def test_tiny_kernel_count_emits_json_with_fewer_kernels_per_search():
-    p = run_cli(["benchmarks/seed_batch.py", "--cases", "nb201", "--stack", "4", "--rounds", "1",
-                 "--tiny-steps", "1"], timeout=300)
+def test_tiny_kernel_count_emits_json_and_four_seeds_cost_at_most_1_2_searches():
+    """The issue's target as a regression guard (a count, not a timing): a step of 4 stacked seeds
+    launches at most 1.2x one search's kernels (NB201 fused, DARTS grouped)."""
+    p = run_cli(["benchmarks/seed_batch.py", "--cases", "nb201,darts_grouped", "--stack", "4", "--rounds", "1",
+                 "--tiny-steps", "1"], timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     last = p.stdout.strip().splitlines()[-1]
     out = json.loads(last)
-    lone, s4 = out["kernels"]["nb201"]["lone"], out["kernels"]["nb201"]["S4"]
-    assert s4["seeds"] == 4 and s4["kernels_per_search"] == pytest.approx(s4["kernels"] / 4, abs=0.051)
-    assert s4["kernels_per_search"] < lone["kernels"]
-    # `_unsafe_view` counted as a view: never more than the strict count, which counts it as a kernel
-    assert s4["kernels"] <= s4["kernels_strict"]
+    for case in ("nb201", "darts_grouped"):
+        lone, s4 = out["kernels"][case]["lone"], out["kernels"][case]["S4"]
+        assert s4["seeds"] == 4 and s4["kernels_per_search"] == pytest.approx(s4["kernels"] / 4, abs=0.051)
+        assert s4["kernels"] <= 1.2 * lone["kernels"] and s4["meets_1.2x_target"], (case, s4["kernels"], lone)
+        # `_unsafe_view` counted as a view: never more than the strict count, which counts it as a kernel
+        assert s4["kernels"] <= s4["kernels_strict"]
     assert out["throughput"] == {}

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from sdarts.genotype import DARTS_STEPS
 from sdarts.spaces.darts_classic import EDGES, SearchCell
 from sdarts.spaces.darts_pernode import CONV_OPS, PerNodeCell, weighted_conv
-from sdarts.spaces.functional import dense_grad, weighted_bn
+from sdarts.spaces.functional import channel_cat, dense_grad, weight_pieces, weighted_bn
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, darts_op
 
 
@@ -54,10 +54,13 @@ class FusedSearchCell(PerNodeCell):
         # and a gradient accumulation each, and each BN scale an expand + copy + sum: one expanded copy
         # per cell serves them all.
         free_w = self._free_weights(weights.index_select(0, self.node_major))
-        scale_rows = weights.index_select(1, self.scaled_idx).unsqueeze(-1).expand(-1, -1, C).contiguous().unbind(0)
+        n = len(self.scaled_at)
+        scales = weight_pieces(weights.index_select(1, self.scaled_idx).unsqueeze(-1).expand(-1, -1, C)
+                             .contiguous().view(-1), [C] * (len(EDGES) * n))  # edge e's op i: [e * n + i]
         fr_rows = None
         if self.reduction and "skip_connect" in k:  # the strided skip (FactorizedReduce) scales its BN
-            fr_rows = weights[:, k["skip_connect"]].unsqueeze(-1).expand(-1, C).contiguous().unbind(0)
+            fr_rows = weight_pieces(weights[:, k["skip_connect"]].unsqueeze(-1).expand(-1, C).contiguous().view(-1),
+                                  [C] * len(EDGES))
         ca = self.scaled_at
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
@@ -70,7 +73,7 @@ class FusedSearchCell(PerNodeCell):
             mixed = self._free_mix(j, x, free_w[j])  # per edge: pools + identity, weighted
             shifted = r[:, :, 1::2, 1::2] if stride > 1 and "skip_connect" in k else None
             for m, e in enumerate(out_edges):
-                scale = scale_rows[e].unbind(0)
+                scale = scales[e * n:(e + 1) * n]
                 ops = self.edges[e].ops
                 terms = [mixed[m]] if mixed is not None else []
                 for name in self.op_names:
@@ -84,12 +87,12 @@ class FusedSearchCell(PerNodeCell):
                 i = EDGES[e][0]
                 acc[i] = out if acc[i] is None else acc[i] + out
         states.append(acc[-1])
-        return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
+        return channel_cat([dense_grad(s) for s in states[2:]])
 
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, shifted: torch.Tensor,
                            scale: torch.Tensor) -> torch.Tensor:
         """The strided skip (FactorizedReduce) with its BN scaled by the edge weight (`scale`: [C])."""
-        return weighted_bn(torch.cat(self._strided_skip_paths(fr, r, shifted), dim=1), fr.bn, scale, count=False)
+        return weighted_bn(channel_cat(list(self._strided_skip_paths(fr, r, shifted))), fr.bn, scale, count=False)
 
     def _load_ops_from_classic(self, classic: SearchCell) -> None:
         """Per-edge modules: the classic op's state as it is."""

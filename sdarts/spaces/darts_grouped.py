@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from sdarts.genotype import DARTS_STEPS
 from sdarts.spaces.darts_classic import EDGES, SearchCell
 from sdarts.spaces.darts_pernode import CONV_OPS, PerNodeCell, weighted_conv
-from sdarts.spaces.functional import dense_grad, weighted_bn
+from sdarts.spaces.functional import channel_cat, channel_split, dense_grad, weight_pieces, weighted_bn
 from sdarts.spaces.ops import DARTS_OPS, FactorizedReduce, darts_op
 
 
@@ -97,8 +97,9 @@ class GroupedSearchCell(PerNodeCell):
         # weight repeated over its C channels.
         w = weights.index_select(0, self.node_major)
         free_w = self._free_weights(w)
-        scales = w.index_select(1, self.scaled_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous() \
-            .view(len(self.scaled), -1).split(self.widths, 1)
+        flat = w.index_select(1, self.scaled_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous().view(-1)
+        pieces = weight_pieces(flat, self.widths * len(self.scaled))  # `split`; seed-blocked under SeedStack
+        G = len(self.widths)
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         acc: list[torch.Tensor | None] = [None] * (DARTS_STEPS + 2)
 
@@ -118,12 +119,12 @@ class GroupedSearchCell(PerNodeCell):
             g = self.group_of[j]
             if j != self.groups[g][-1]:
                 continue  # the group's conv ops run once all its sources are here
-            scale = dict(zip(self.scaled, scales[g].unbind(0)))
+            scale = dict(zip(self.scaled, pieces[g::G]))
             # [B, k*C, H', W'], edge-major: the group's parametric ops, weighted, summed over ops
             grouped = None
             if self.conv_names:
                 reps = [relus[i] for i in self.groups[g] for _ in self.out_edges[i]]
-                r_rep = reps[0] if len(reps) == 1 else torch.cat(reps, dim=1)
+                r_rep = reps[0] if len(reps) == 1 else channel_cat(reps)
                 for name in self.conv_names:
                     y = weighted_conv(self.group_ops[g][name], r_rep, scale[name])
                     grouped = y if grouped is None else grouped + y
@@ -131,21 +132,21 @@ class GroupedSearchCell(PerNodeCell):
             # group shares one stride, so its nodes all have one or none
             if str(self.groups[g][0]) in self.skip_ops:
                 ks = [len(self.out_edges[i]) for i in self.groups[g]]
-                y = torch.cat([self._factorized_reduce(self.skip_ops[str(i)], relus[i], k, sc) for i, k, sc
-                               in zip(self.groups[g], ks, scale["skip_connect"].split([k * C for k in ks]))], dim=1)
+                y = channel_cat([self._factorized_reduce(self.skip_ops[str(i)], relus[i], k, sc) for i, k, sc
+                               in zip(self.groups[g], ks, scale["skip_connect"].split([k * C for k in ks]))])
                 grouped = y if grouped is None else grouped + y
             if grouped is not None:
-                for part, e in zip(grouped.split(C, 1), self.group_edges[g]):
+                for part, e in zip(channel_split(grouped, C), self.group_edges[g]):
                     add(EDGES[e][0], part)
         states.append(acc[-1])
-        return torch.cat([dense_grad(s) for s in states[2:]], dim=1)
+        return channel_cat([dense_grad(s) for s in states[2:]])
 
     def _factorized_reduce(self, fr: FactorizedReduce, r: torch.Tensor, k: int,
                            scale: torch.Tensor) -> torch.Tensor:
         """The strided skip of all k edges, [B, k*C, H/2, W/2] edge-major, BN scaled by `scale`."""
         a, b = self._strided_skip_paths(fr, r, r[:, :, 1::2, 1::2])
         half = self.C // 2  # edge m's output is [a_m, b_m], as FactorizedReduce's cat
-        y = torch.cat([t for ab in zip(a.split(half, 1), b.split(half, 1)) for t in ab], dim=1)
+        y = channel_cat([t for ab in zip(channel_split(a, half), channel_split(b, half)) for t in ab])
         return weighted_bn(y, fr.bn, scale, count=False)
 
     def _grouped(self, edge_index: int, op: str) -> tuple[nn.Module | None, int, int]:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from sdarts.genotype import DARTS_STEPS
 from sdarts.spaces.darts_classic import EDGES, SearchCell
-from sdarts.spaces.functional import avg_pool_3x3, bn_count_later, deferred_counters, weighted_bn, weighted_mix
+from sdarts.spaces.functional import (avg_pool_3x3, bn_count_later, deferred_counters, max_pool_3x3, weighted_bn,
+                                      weighted_mix)
 from sdarts.spaces.ops import DARTS_OPS, DilConv, FactorizedReduce, ReLUConvBN, SepConv
 
 #: the parametric ops whose last BN takes the edge weight as its scale (`weighted_conv`)
@@ -95,7 +96,7 @@ class PerNodeCell(nn.Module):
         stride, frees = self._stride(j), []
         for n in self.free_names:
             if n == "max_pool_3x3":
-                frees.append(bn_count_later(F.max_pool2d(x, 3, stride, 1), self.pool_bn[j][n]))
+                frees.append(bn_count_later(max_pool_3x3(x, stride), self.pool_bn[j][n]))
             elif n == "avg_pool_3x3":
                 frees.append(bn_count_later(avg_pool_3x3(x, stride), self.pool_bn[j][n]))
             elif stride == 1:

@@ -15,6 +15,11 @@ tensors kept for backward (measured in docs/performance.md):
 - `weighted_mix`: every outgoing edge's weighted sum of a node's parameter-free outputs (pools,
   identity skip) as one matmul, instead of a scalar multiply and an add per (edge, op).
 - `dense_grad`: hands dense gradients to the nodes that feed the cell's output concat.
+- `channel_split`, `channel_cat`, `weight_pieces`, `batch_norm`, `max_pool_3x3`: `split`, `cat`, BN and
+  max pooling as they are on a lone supernet.
+
+Inside `SeedStack`'s vmap (stacked seeds, `seedops.mapped`) each of these calls its counterpart in
+`seedops`, which keeps the seed axis next to the channels (where the convolutions put it).
 - `recompute_without_stat_updates` + `checkpoint_cell`: activation checkpointing per cell that
   updates BN running statistics once per step, as without checkpointing (the recomputation in
   backward would otherwise apply the momentum a second time).
@@ -22,12 +27,15 @@ tensors kept for backward (measured in docs/performance.md):
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from sdarts.spaces.seedops import (mapped, seed_avg_pool_3x3, seed_batch_norm, seed_channel_cat, seed_channel_split,
+                                   seed_dense_grad, seed_max_pool_3x3, seed_split, seed_weighted_mix)
 
 _INV_COUNT: dict[tuple, torch.Tensor] = {}
 
@@ -44,6 +52,12 @@ def weighted_bn(x: torch.Tensor, bn: nn.BatchNorm2d, scale: torch.Tensor, count:
     # contiguous: torch 2.14's CPU channels_last BN backward reads the weight as if it were dense; a
     # stride-0 (expanded) weight gave garbage/NaN input gradients (found with MALLOC_PERTURB_)
     return _batch_norm(x, bn, scale.contiguous(), None, count)
+
+
+def batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """`bn(x)` (the module's own forward, counter included), through `_batch_norm`: under `SeedStack`'s
+    vmap that is the folded `seed_batch_norm`, not vmap's own rule for BN (see there)."""
+    return _batch_norm(x, bn, bn.weight, bn.bias, count=True)
 
 
 def bn_count_later(x: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -83,71 +97,9 @@ def _batch_norm(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, weight: to
     return F.batch_norm(x, rm, rv, weight, bias, use_batch_stats, factor, bn.eps)
 
 
-@torch.library.custom_op("sdarts::seed_batch_norm", mutates_args=())
-def seed_batch_norm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor], training: bool,
-                    momentum: float, eps: float) -> torch.Tensor:
-    """`F.batch_norm` over stacked seeds, for `_batch_norm` inside the `SeedStack` vmap only (below).
-
-    Why: vmap's own batching rule for batch_norm runs BN with a dummy weight and bias, then applies the
-    per-seed weight as separate multiplies forward and backward: 8 more kernels per BN (the NB201 fused
-    supernet has ~100 weighted BNs). Folding the seed axis into the channels instead gives one BN over
-    S x C channels with the stacked weight as its affine weight: the same arithmetic, per channel, and
-    the same kernels as one search."""
-    raise RuntimeError("sdarts::seed_batch_norm runs inside SeedStack's vmap only")
-
-
-@seed_batch_norm.register_vmap
-def _seed_batch_norm_folded(info, in_dims, x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """The vmap rule: [.., S, C, ..] -> [B, S*C, ...]; running statistics are views of the stacked
-    buffers, so BN's in-place update lands in every seed's own slice (hence `mutates_args=()`: the op
-    body never runs; this rule mutates the physical buffers exactly as F.batch_norm mutates its own)."""
-    xd, wd, bd, md, vd = in_dims[:5]
-    xp = x.movedim(xd, 1)
-    B, S, C, rest = xp.shape[0], xp.shape[1], xp.shape[2], xp.shape[3:]
-
-    def fold(t, d):
-        if t is None:
-            return None
-        if d is None:
-            return t.repeat(S)
-        return t.movedim(d, 0).reshape(-1)
-
-    def stats(t, d):
-        if t is None:
-            return None
-        if d is None:
-            raise RuntimeError("seed_batch_norm: running statistics must be stacked per seed")
-        t = t.movedim(d, 0)
-        if not t.is_contiguous():
-            raise RuntimeError("seed_batch_norm: stacked running statistics must be contiguous")
-        return t.view(-1)
-
-    out = F.batch_norm(xp.reshape(B, S * C, *rest), stats(running_mean, md), stats(running_var, vd),
-                       fold(weight, wd), fold(bias, bd), training, momentum, eps)
-    if out.requires_grad:  # BN's CPU backward takes a slow path on a strided gradient (see `dense_grad`)
-        out.register_hook(_contiguous)
-    return out.view(B, S, C, *rest), 1
-
-
-def _contiguous(g: torch.Tensor) -> torch.Tensor:
-    return g.contiguous()
-
-
-@torch.library.custom_op("sdarts::seed_avg_pool_3x3", mutates_args=())
-def seed_avg_pool_3x3(x: torch.Tensor, stride: int) -> torch.Tensor:
-    """`avg_pool_3x3` over stacked seeds, inside the `SeedStack` vmap only: vmap's own rule moves the
-    seed axis into the batch (a copy), and the convolution after it moves it back next to the channels
-    (another); pooling is per channel, so the seeds fold into the channels as they are."""
-    raise RuntimeError("sdarts::seed_avg_pool_3x3 runs inside SeedStack's vmap only")
-
-
-@seed_avg_pool_3x3.register_vmap
-def _seed_avg_pool_folded(info, in_dims, x, stride):
-    xp = x.movedim(in_dims[0], 1)
-    B, S, C = xp.shape[:3]
-    out = F.avg_pool2d(xp.reshape(B, S * C, *xp.shape[3:]), 3, stride, 1, count_include_pad=False)
-    return out.view(B, S, C, *out.shape[2:]), 1
+def max_pool_3x3(x: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """3x3 max pooling, padding 1 (DARTS' max_pool_3x3); over stacked seeds, `seedops.seed_max_pool_3x3`."""
+    return seed_max_pool_3x3(x, stride) if mapped(x) else F.max_pool2d(x, 3, stride, 1)
 
 
 def _inv_count(h: int, w: int, stride: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -184,6 +136,8 @@ def weighted_mix(frees: list[torch.Tensor], w: torch.Tensor) -> list[torch.Tenso
     `g @ S^T`). The tensors are stacked in memory order (NHWC stays NHWC), and each result is a view
     in the input's layout. The weights take the tensors' dtype (as a scalar multiply would).
     """
+    if mapped(frees[0]):
+        return list(seed_weighted_mix(frees, w))
     nhwc = _is_nhwc(frees[0])
     to_mem, from_mem = ((0, 2, 3, 1), (0, 3, 1, 2)) if nhwc else ((0, 1, 2, 3), (0, 1, 2, 3))
     s = torch.stack([f.permute(to_mem) for f in frees])  # [o, *memory-order shape], contiguous
@@ -191,10 +145,26 @@ def weighted_mix(frees: list[torch.Tensor], w: torch.Tensor) -> list[torch.Tenso
     return [t.permute(from_mem) for t in out.unbind(0)]
 
 
-def mapped(x: torch.Tensor) -> bool:
-    """True for a tensor inside `torch.func.vmap` (the seed axis of `SeedStack`): its memory layout
-    cannot be queried there, and the layout choices below are left to the batching rules."""
-    return torch._C._functorch.is_batchedtensor(x)
+def channel_split(x: torch.Tensor, size: int | list[int]) -> list[torch.Tensor]:
+    """`x.split(size, 1)`; inside `SeedStack`'s vmap, `seedops.seed_channel_split` (see there)."""
+    if not mapped(x):
+        return list(x.split(size, 1))
+    sizes = [size] * (x.shape[1] // size) if isinstance(size, int) else list(size)
+    if sum(sizes) != x.shape[1]:
+        raise ValueError(f"channel_split: {x.shape[1]} channels do not split into {size}")
+    return list(seed_channel_split(x, sizes))
+
+
+def channel_cat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat(ts, 1)`; inside `SeedStack`'s vmap, `seedops.seed_channel_cat` (see there)."""
+    return seed_channel_cat(ts) if any(mapped(t) for t in ts) else torch.cat(ts, 1)
+
+
+def weight_pieces(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
+    """`t.split(widths)` of a 1-D tensor; inside `SeedStack`'s vmap each piece is laid out [S, width]
+    contiguous (`seedops.seed_split`), so that a BN over S x width folded channels takes it as its weight
+    without a copy."""
+    return list(seed_split(t, widths)) if mapped(t) else list(t.split(widths))
 
 
 def _is_nhwc(x: torch.Tensor) -> bool:
@@ -219,7 +189,11 @@ def dense_grad(x: torch.Tensor) -> torch.Tensor:
     slice of its gradient, and in the fused cell that slice flows straight into BN and conv backward
     (no `w * out` multiply in between to make it dense), where oneDNN then takes a slow path
     (measured: BN backward 1.5x, conv backward 1.15x slower). One copy per node is cheaper."""
-    return _DenseGrad.apply(x) if torch.is_grad_enabled() and x.requires_grad and not mapped(x) else x
+    if not torch.is_grad_enabled():
+        return x
+    if mapped(x):  # a tensor inside vmap does not say whether it requires grad; the rule asks its own
+        return seed_dense_grad(x)
+    return _DenseGrad.apply(x) if x.requires_grad else x
 
 
 @contextlib.contextmanager

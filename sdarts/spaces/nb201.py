@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from sdarts.arch import ArchParams
 from sdarts.genotype import NB201Genotype, derive_nb201
-from sdarts.spaces.functional import checkpoint_cell
+from sdarts.spaces.functional import checkpoint_cell, dense_grad
 from sdarts.spaces.nb201_classic import EDGE_NAMES, ClassicCell
 from sdarts.spaces.nb201_fused import FusedCell
 from sdarts.spaces.ops import NB201_OPS, ResNetBasicBlock
@@ -92,7 +92,7 @@ class NB201Supernet(Supernet):
                 x = checkpoint_cell(cell, cell, x, w)
             else:
                 x = cell(x, w)
-        x = self.lastact(x)
+        x = self.lastact(dense_grad(x))  # under SeedStack: the head's gradient seed-next-to-channels
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
     def search_cells(self) -> list[nn.Module]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdarts.spaces.functional import avg_pool_3x3, deferred_counters, weighted_bn, weighted_mix
+from sdarts.spaces.functional import avg_pool_3x3, channel_split, deferred_counters, weight_pieces, weighted_bn, weighted_mix
 from sdarts.spaces.nb201_classic import EDGE_NAMES, NODES, ClassicCell
 from sdarts.spaces.ops import NB201_OPS
 
@@ -56,8 +56,9 @@ class FusedCell(nn.Module):
         wn = weights.index_select(0, self.node_major)  # [6, ops], node 0's edges first
         widths = [k * C for k in self.ks]
         # [2, 6*C]: the 3x3 and 1x1 convs' BN scales, each edge's weight repeated over its C channels
-        scales = wn.index_select(1, self.conv_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous().view(2, -1)
-        scale3, scale1 = scales[0].split(widths), scales[1].split(widths)
+        scales = wn.index_select(1, self.conv_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous().view(-1)
+        pieces = weight_pieces(scales, widths + widths)  # `split`; seed-blocked under SeedStack
+        scale3, scale1 = pieces[:NODES - 1], pieces[NODES - 1:]
         frees = wn.index_select(1, self.free_idx).split(self.ks)
         # acc[i] collects the weighted edge outputs flowing into node i; node j is complete once
         # every source before it was processed
@@ -67,8 +68,8 @@ class FusedCell(nn.Module):
             if j > 0:
                 node = acc[j]
             r = F.relu(node)
-            c3 = weighted_bn(self.conv3[j](r), self.bn3[j], scale3[j], count=False).split(C, 1)
-            c1 = weighted_bn(self.conv1[j](r), self.bn1[j], scale1[j], count=False).split(C, 1)
+            c3 = channel_split(weighted_bn(self.conv3[j](r), self.bn3[j], scale3[j], count=False), C)
+            c1 = channel_split(weighted_bn(self.conv1[j](r), self.bn1[j], scale1[j], count=False), C)
             # every outgoing edge's skip and pool terms, weighted, as one matmul (`weighted_mix`)
             mixed = weighted_mix([node, avg_pool_3x3(node)], frees[j])
             for k, i in enumerate(range(j + 1, NODES)):

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from sdarts.spaces.candidates import DARTS_OPS, NB201_OPS, PARAMETER_FREE  # noqa: F401 - the names, re-exported
+from sdarts.spaces.functional import channel_cat
 
 
 class Zero(nn.Module):
@@ -113,7 +114,7 @@ class FactorizedReduce(nn.Module):
         # The one-pixel offset path; padding at the end changes nothing for even sizes and keeps
         # odd sizes (ImageNet's 7x7 head input) aligned with conv_1's output.
         y = nn.functional.pad(x[:, :, 1:, 1:], (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(y)], dim=1))
+        return self.bn(channel_cat([self.conv_1(x), self.conv_2(y)]))
 
 
 class Pool(nn.Module):

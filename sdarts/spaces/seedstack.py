@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, vmap
 
+from sdarts.spaces.functional import batch_norm
 from sdarts.spaces.supernet import Supernet
 
 #: buffers every seed steps alike; left out of the vmap (see the module docstring)
@@ -49,6 +50,9 @@ class SeedStack(nn.Module):
         for name in buffers[0]:
             _set(net, name, torch.stack([b[name] for b in buffers]).contiguous(), parameter=False)
         net.channels_last = False  # memory formats cannot be asked for inside vmap
+        for m in net.modules():  # BNs called as modules fold the seeds too (`_StackedBatchNorm`)
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = _StackedBatchNorm
         self.net = net
         # a lone supernet that `seed_net` fills: a plain attribute, not a submodule (not in state_dict)
         object.__setattr__(self, "_lone", copy.deepcopy(nets[0]))
@@ -110,6 +114,15 @@ class SeedStack(nn.Module):
 
     def genotype(self, k: int):
         return self.seed_net(k, weights=False).genotype()
+
+
+class _StackedBatchNorm(nn.BatchNorm2d):
+    """A `BatchNorm2d` module of the stacked supernet: its forward goes through `functional.batch_norm`,
+    which folds the seeds into the channels (`seed_batch_norm`), as the cells' own BN calls do; vmap's
+    rule for a module's BN would add a weight multiply, a bias add and their gradients per call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return batch_norm(x, self)
 
 
 def _set(module: nn.Module, dotted: str, value: torch.Tensor, parameter: bool) -> None:
