@@ -31,9 +31,14 @@ step, and images/s summed over seeds.
   OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu .venv/bin/python benchmarks/seed_batch.py [--cases ...]
       [--stack 1,4,8] [--seeds 5] [--steps 2] [--rounds 2] [--threads 1] [--tiny-steps 5]
 
+3. Convolutions alone (`conv_proxy`: C=8, 3x3 and 1x1, C -> 3C, batch 64, 32x32): forward + backward of
+   the 5 seeds' convolutions as 5 separate NHWC convs (the lone searches) against one grouped conv over
+   5 x C channels, NCHW (what the stacked step runs) and NHWC; median ms (`run_convs`).
+
 Prints a table, then one JSON line: {"machine", "threads", "kernels": {case: {"lone": {...},
 "S4": {"kernels", "kernels_per_search", "ratio_to_lone", ...}}}, "throughput": {case: {"batched":
-{"images_per_s", ...}, "sequential": {...}, "speedup"}}}.
+{"images_per_s", ...}, "sequential": {...}, "speedup"}}, "convs": {case: {"k3": {"ms": {...},
+"grouped_nchw_vs_separate", ...}, ...}}}.
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ import torch  # noqa: E402
 KERNEL_CASES = {"nb201": ("nb201", "default"), "darts_cifar": ("darts_cifar", "default"),
                 "darts_grouped": ("darts_cifar", "grouped")}  # -> dispatch_count.build(case, variant)
 THROUGHPUT_CASES = {"nb201_full": (16, 5), "nb201_proxy": (8, 1)}  # (C, cells per stage)
-CASES = tuple(KERNEL_CASES) + tuple(THROUGHPUT_CASES)
+CONV_CASES = {"conv_proxy": (8, (3, 1))}  # (C, kernel sizes): the proxy's node-0 convs (C -> 3C)
+CASES = tuple(KERNEL_CASES) + tuple(THROUGHPUT_CASES) + tuple(CONV_CASES)
 BATCH, RES = 64, 32
 
 
@@ -239,6 +245,42 @@ def run_throughput(case: str, S: int, steps: int, rounds: int) -> dict:
     return out
 
 
+# -- 3. the convolutions alone -----------------------------------------------------------------------
+def run_convs(case: str, S: int, rounds: int) -> dict:
+    """Forward + backward of S seeds' convolutions at the proxy's shapes (batch 64, 32x32, C -> 3C as
+    NB201's node 0), each kernel size: S separate NHWC convs (the lone searches' layout) against one
+    grouped conv over S x C channels (what a stacked step runs: NCHW, memory formats cannot be chosen
+    inside vmap; and NHWC, for comparison). Median ms over `10 * rounds` repetitions."""
+    import torch.nn.functional as F
+    C, sizes = CONV_CASES[case]
+    cl = torch.channels_last
+    out = {}
+    for k in sizes:
+        xs = [torch.randn(BATCH, C, RES, RES).contiguous(memory_format=cl).requires_grad_() for _ in range(S)]
+        ws = [torch.randn(3 * C, C, k, k).contiguous(memory_format=cl).requires_grad_() for _ in range(S)]
+        x, w = torch.cat(xs, 1).detach(), torch.cat(ws, 0).detach()
+        xg, wg = x.contiguous().requires_grad_(), w.contiguous().requires_grad_()
+        xn, wn = x.contiguous(memory_format=cl).requires_grad_(), w.contiguous(memory_format=cl).requires_grad_()
+        variants = {
+            "separate_nhwc": lambda: sum(F.conv2d(a, b, padding=k // 2).sum() for a, b in zip(xs, ws)).backward(),
+            "grouped_nchw": lambda: F.conv2d(xg, wg, padding=k // 2, groups=S).sum().backward(),
+            "grouped_nhwc": lambda: F.conv2d(xn, wn, padding=k // 2, groups=S).sum().backward(),
+        }
+        times = {n: [] for n in variants}
+        for n, f in variants.items():
+            f()  # warm-up (oneDNN primitive creation)
+        for r in range(10 * rounds):
+            for n, f in (variants.items() if r % 2 == 0 else list(variants.items())[::-1]):
+                t = time.perf_counter()
+                f()
+                times[n].append((time.perf_counter() - t) * 1000)
+        med = {n: round(common.median(t), 2) for n, t in times.items()}
+        out[f"k{k}"] = {"ms": med, "grouped_nchw_vs_separate": round(med["grouped_nchw"] / med["separate_nhwc"], 2),
+                        "grouped_nhwc_vs_separate": round(med["grouped_nhwc"] / med["separate_nhwc"], 2)}
+    out.update(seeds=S, C=C, batch=BATCH, resolution=RES)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
@@ -253,11 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     stacks = [int(s) for s in args.stack.split(",") if s]
     torch.set_num_threads(args.threads)
 
-    kernels, throughput = {}, {}
+    kernels, throughput, convs = {}, {}, {}
     t0 = time.perf_counter()
     for case in cases:
         if case in KERNEL_CASES:
             kernels[case] = run_kernels(case, stacks, args.rounds, args.tiny_steps)
+        elif case in CONV_CASES:
+            convs[case] = run_convs(case, args.seeds, args.rounds)
         else:
             throughput[case] = run_throughput(case, args.seeds, args.steps, args.rounds)
         print(f"# {case} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
@@ -281,8 +325,15 @@ def main(argv: list[str] | None = None) -> int:
                 sx, cx = (r["speedup"], r["cpu_speedup"]) if n == "batched" else (1.0, 1.0)
                 print(f"{case:14s} {n:11s} {v['images_per_s']:8.2f} {v['step_s_median']:8.3f} "
                       f"{v['cpu_s_per_step']:8.3f} {sx:8.2f} {cx:6.2f}")
+    if convs:
+        print(f"\n{'case':14s} {'kernel':7s} {'separate NHWC':>14s} {'grouped NCHW':>13s} {'grouped NHWC':>13s} (ms, S seeds)")
+        for case, r in convs.items():
+            for k, v in r.items():
+                if isinstance(v, dict):
+                    m = v["ms"]
+                    print(f"{case:14s} {k:7s} {m['separate_nhwc']:14.2f} {m['grouped_nchw']:13.2f} {m['grouped_nhwc']:13.2f}")
     print(json.dumps({"machine": common.machine("cpu", args.threads), "threads": args.threads,
-                      "kernels": kernels, "throughput": throughput}))
+                      "kernels": kernels, "throughput": throughput, "convs": convs}))
     return 0
 
 

@@ -31,3 +31,16 @@ def test_tiny_kernel_count_emits_json_and_four_seeds_cost_at_most_1_2_searches()
         # `_unsafe_view` counted as a view: never more than the strict count, which counts it as a kernel
         assert s4["kernels"] <= s4["kernels_strict"]
     assert out["throughput"] == {}
+
+
+def test_conv_case_times_each_layout_per_kernel_size():
+    p = run_cli(["benchmarks/seed_batch.py", "--cases", "conv_proxy", "--rounds", "1", "--seeds", "2"], timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert out["kernels"] == {} and out["throughput"] == {}
+    conv = out["convs"]["conv_proxy"]
+    assert conv["seeds"] == 2
+    for k in ("k3", "k1"):
+        ms = conv[k]["ms"]
+        assert set(ms) == {"separate_nhwc", "grouped_nchw", "grouped_nhwc"} and min(ms.values()) > 0
+        assert conv[k]["grouped_nchw_vs_separate"] == pytest.approx(ms["grouped_nchw"] / ms["separate_nhwc"], abs=0.01)

@@ -117,3 +117,20 @@ def test_stacked_demo_fp32_follows_its_lone_search_within_its_own_rounding_sprea
         own_spread = np.abs(lone[e] - nhwc[e]).max()
         gap = np.abs(stacked[e] - lone[e]).max()
         assert gap <= 2 * own_spread + 1e-6, (e, gap, own_spread)
+
+
+def test_stacked_fp32_demo_script_reports_each_seeds_agreement(tmp_path):
+    """scripts/stacked_fp32_demo.py on one epoch: a table and a JSON line per seed, whose stacked seed
+    starts on its NCHW lone search's losses (same init, same first batch)."""
+    import json
+
+    from conftest import run_cli
+    p = run_cli(["scripts/stacked_fp32_demo.py", "--out", str(tmp_path), "--epochs", "1"], timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    for seed in ("0", "1"):
+        r = out["seeds"][seed]
+        assert 1 <= r["same_losses_for"] <= r["steps"] and r["epochs"] == 1
+        assert set(r["final_alpha_gap"]) == {"stacked_vs_nchw", "stacked_vs_nhwc", "nhwc_vs_nchw"}
+        assert all(0 <= n <= 1 for n in r["same_genotype_epochs"].values())
+    assert (tmp_path / "stacked" / "seed_1" / "alphas.jsonl").exists()
