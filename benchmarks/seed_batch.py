@@ -259,7 +259,8 @@ def run_convs(case: str, S: int, rounds: int) -> dict:
         xs = [torch.randn(BATCH, C, RES, RES).contiguous(memory_format=cl).requires_grad_() for _ in range(S)]
         ws = [torch.randn(3 * C, C, k, k).contiguous(memory_format=cl).requires_grad_() for _ in range(S)]
         x, w = torch.cat(xs, 1).detach(), torch.cat(ws, 0).detach()
-        xg, wg = x.contiguous().requires_grad_(), w.contiguous().requires_grad_()
+        # plain strides: `contiguous()` would keep a 1x1 weight's channels_last strides (as SeedStack's `_stacked`)
+        xg, wg = x.contiguous().requires_grad_(), w.clone(memory_format=torch.contiguous_format).requires_grad_()
         xn, wn = x.contiguous(memory_format=cl).requires_grad_(), w.contiguous(memory_format=cl).requires_grad_()
         variants = {
             "separate_nhwc": lambda: sum(F.conv2d(a, b, padding=k // 2).sum() for a, b in zip(xs, ws)).backward(),

@@ -200,6 +200,8 @@ class SearchConfig(RunSections):
             return "needs at least one seed"
         if len(set(seeds)) != len(seeds) or min(seeds) < 0:
             return f"must be distinct non-negative integers, got {seeds}"
+        if self.seed != 0:
+            return f"sets every search's seed, so seed {self.seed} would be ignored; drop seed or list it in seeds"
         if self.precision == "fp16":
             return "fp16's loss scaler is shared, so one seed's overflow would skip every seed's step; use bf16 or fp32"
         if self.precision == "bf16" and not self.engine.autocast:

@@ -368,6 +368,7 @@ def test_bad_seeds_exit_2_with_one_line_naming_seeds(args, why, tmp_path):
 
 
 @pytest.mark.parametrize("over,why", [(["seeds=[-1,0]"], "non-negative"), (["seeds=3"], "list"),
+                                      (["seeds=[0,1]", "seed=3"], "seed 3 would be ignored"),
                                       (["seeds=[0,1]", "precision=bf16", "engine.autocast=false"], "autocast")])
 def test_more_bad_seeds_are_one_config_error(over, why):
     with pytest.raises(ConfigError, match="seeds") as e:

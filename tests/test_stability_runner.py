@@ -170,7 +170,8 @@ def test_numerical_fault_of_a_batched_seed_counts_as_failed(tmp_path, capsys):
     batch = _batch_dir(tmp_path / "runs", cell, [0, 1], [])
     _fake_run(batch, "seed_0", "single_level", 0, [90.0, 93.0, 94.0, 94.0], ARCH_GOOD, True)
     _fake_run(batch, "seed_1", "single_level", 1, [91.0, 50.0], ARCH_SKIP, False)
-    fault = "step 7 (epoch 2): seed 1: non-finite loss (nan) in train; last good checkpoint: none yet"
+    fault = ("step 7 (epoch 2): seed 1: non-finite loss (nan) in train; this seed's search ended there (its files "
+             "stop at its last good step; the others go on)")  # SeedRuns.record_faults' wording
     (batch / "seed_1" / "summary.json").write_text(json.dumps({"strategy": "single_level", "numerical_fault": fault,
                                                                "seed": 1, "batched_seeds": [0, 1]}))
     argv = ["--results", str(tmp_path), "--variants", "single_level", "--seeds", "0,1", "--device", "cpu",

@@ -45,10 +45,9 @@ class SeedStack(nn.Module):
         params = [dict(m.named_parameters()) for m in nets]
         buffers = [dict(m.named_buffers()) for m in nets]
         for name in params[0]:
-            _set(net, name, nn.Parameter(torch.stack([p[name].detach() for p in params]).contiguous()),
-                 parameter=True)
+            _set(net, name, nn.Parameter(_stacked([p[name].detach() for p in params])), parameter=True)
         for name in buffers[0]:
-            _set(net, name, torch.stack([b[name] for b in buffers]).contiguous(), parameter=False)
+            _set(net, name, _stacked([b[name] for b in buffers]), parameter=False)
         net.channels_last = False  # memory formats cannot be asked for inside vmap
         for m in net.modules():  # BNs called as modules fold the seeds too (`_StackedBatchNorm`)
             if type(m) is nn.BatchNorm2d:
@@ -123,6 +122,15 @@ class _StackedBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return batch_norm(x, self)
+
+
+def _stacked(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The seeds' tensors stacked along a new dim 0, in plain row-major strides. `contiguous()` alone
+    keeps a channels_last 1x1 conv weight's strides (its size-1 dims make it count as contiguous both
+    ways), and a convolution with such a weight returns channels_last even from NCHW activations: the
+    stack's NCHW layout then breaks, and BN and the seed ops copy to mend it (DARTS fused: 7185 -> 6957
+    kernels per step of 4 seeds, benchmarks/seed_batch.py)."""
+    return torch.stack(tensors).clone(memory_format=torch.contiguous_format)
 
 
 def _set(module: nn.Module, dotted: str, value: torch.Tensor, parameter: bool) -> None:
