@@ -327,12 +327,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{case:14s} {n:11s} {v['images_per_s']:8.2f} {v['step_s_median']:8.3f} "
                       f"{v['cpu_s_per_step']:8.3f} {sx:8.2f} {cx:6.2f}")
     if convs:
-        print(f"\n{'case':14s} {'kernel':7s} {'separate NHWC':>14s} {'grouped NCHW':>13s} {'grouped NHWC':>13s} (ms, S seeds)")
+        print(f"\n{'case':14s} {'kernel':7s} {'separate NHWC':>14s} {'grouped NCHW':>13s} {'grouped NHWC':>13s}"
+              " (ms, S seeds)")
         for case, r in convs.items():
             for k, v in r.items():
                 if isinstance(v, dict):
                     m = v["ms"]
-                    print(f"{case:14s} {k:7s} {m['separate_nhwc']:14.2f} {m['grouped_nchw']:13.2f} {m['grouped_nhwc']:13.2f}")
+                    print(f"{case:14s} {k:7s} {m['separate_nhwc']:14.2f} {m['grouped_nchw']:13.2f} "
+                          f"{m['grouped_nhwc']:13.2f}")
     print(json.dumps({"machine": common.machine("cpu", args.threads), "threads": args.threads,
                       "kernels": kernels, "throughput": throughput, "convs": convs}))
     return 0

@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -81,9 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     for s, r in results.items():
         for p, q in PAIRS:
             k = f"{p}_vs_{q}"
-            print(f"{s:<5d} {k:18s} {r['final_alpha_gap'][k]:16.4f} {r['same_genotype_epochs'][k]:14d} / {r['epochs']}")
-        print(f"{s:<5d} stacked losses equal the NCHW lone search's (1e-5) for {r['same_losses_for']} of {r['steps']} steps")
-    import torch
+            gap, same = r["final_alpha_gap"][k], r["same_genotype_epochs"][k]
+            print(f"{s:<5d} {k:18s} {gap:16.4f} {same:14d} / {r['epochs']}")
+        print(f"{s:<5d} stacked losses equal the NCHW lone search's (1e-5) for {r['same_losses_for']} "
+              f"of {r['steps']} steps")
     print(json.dumps({"threads": torch.get_num_threads(), "seeds": {str(s): r for s, r in results.items()}}))
     return 0
 

@@ -162,8 +162,8 @@ def channel_cat(ts: list[torch.Tensor]) -> torch.Tensor:
 
 def weight_pieces(t: torch.Tensor, widths: list[int]) -> list[torch.Tensor]:
     """`t.split(widths)` of a 1-D tensor; inside `SeedStack`'s vmap each piece is laid out [S, width]
-    contiguous (`seedops.seed_split`), so that a BN over S x width folded channels takes it as its weight
-    without a copy."""
+    contiguous (`seedops.seed_split`), so that a BN over S x width folded channels takes it as its
+    weight without a copy."""
     return list(seed_split(t, widths)) if mapped(t) else list(t.split(widths))
 
 

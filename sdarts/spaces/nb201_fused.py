@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdarts.spaces.functional import avg_pool_3x3, channel_split, deferred_counters, weight_pieces, weighted_bn, weighted_mix
+from sdarts.spaces.functional import (avg_pool_3x3, channel_split, deferred_counters, weight_pieces, weighted_bn,
+                                      weighted_mix)
 from sdarts.spaces.nb201_classic import EDGE_NAMES, NODES, ClassicCell
 from sdarts.spaces.ops import NB201_OPS
 
@@ -55,7 +56,7 @@ class FusedCell(nn.Module):
         # not change either way).
         wn = weights.index_select(0, self.node_major)  # [6, ops], node 0's edges first
         widths = [k * C for k in self.ks]
-        # [2, 6*C]: the 3x3 and 1x1 convs' BN scales, each edge's weight repeated over its C channels
+        # [2 * 6C]: the 3x3 convs' BN scales, then the 1x1 convs', each edge's weight repeated over its C channels
         scales = wn.index_select(1, self.conv_idx).t().unsqueeze(-1).expand(-1, -1, C).contiguous().view(-1)
         pieces = weight_pieces(scales, widths + widths)  # `split`; seed-blocked under SeedStack
         scale3, scale1 = pieces[:NODES - 1], pieces[NODES - 1:]

@@ -47,8 +47,6 @@ def _seed_batch_norm_folded(info, in_dims, x, weight, bias, running_mean, runnin
     body never runs; this rule mutates the physical buffers exactly as F.batch_norm mutates its own)."""
     xd, wd, bd, md, vd = in_dims[:5]
     S = info.batch_size
-    xp = _seeds_at(x, xd, S, 1)
-    B, C, rest = xp.shape[0], xp.shape[2], xp.shape[3:]
 
     def fold(t, d):
         if t is None:
@@ -67,11 +65,14 @@ def _seed_batch_norm_folded(info, in_dims, x, weight, bias, running_mean, runnin
             raise RuntimeError("seed_batch_norm: stacked running statistics must be contiguous")
         return t.view(-1)
 
-    out = F.batch_norm(xp.reshape(B, S * C, *rest), stats(running_mean, md), stats(running_var, vd),
-                       fold(weight, wd), fold(bias, bd), training, momentum, eps)
-    if out.requires_grad:  # BN's CPU backward takes a slow path on a strided gradient (`functional.dense_grad`)
-        out.register_hook(_contiguous)
-    return out.view(B, S, C, *rest), 1
+    def bn(folded: torch.Tensor) -> torch.Tensor:
+        out = F.batch_norm(folded, stats(running_mean, md), stats(running_var, vd), fold(weight, wd),
+                           fold(bias, bd), training, momentum, eps)
+        if out.requires_grad:  # BN's CPU backward takes a slow path on a strided gradient (`functional.dense_grad`)
+            out.register_hook(_contiguous)
+        return out
+
+    return _folded(x, xd, S, bn)
 
 
 def _contiguous(g: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,8 @@ def _seed_max_pool_folded(info, in_dims, x, stride):
 
 
 def _folded(x: torch.Tensor, d: int | None, S: int, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """A per-channel op over stacked seeds, the seeds folded into the channels: [B, S*C, H, W]."""
+    """A per-channel op (BN, pooling) over stacked seeds, the seeds folded into the channels:
+    fn([B, S*C, H, W]) -> [B, S, C, H', W'] (a view), mapped at dim 1."""
     xp = _seeds_at(x, d, S, 1)
     B, C = xp.shape[0], xp.shape[2]
     out = fn(xp.reshape(B, S * C, *xp.shape[3:]))
